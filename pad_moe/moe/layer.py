@@ -1,0 +1,316 @@
+"""FFN blocks that share one forward contract, ``(output, l_aux, exp_counts)``, selected by ``mode``:
+
+- ``static``: a dense FFN (``DenseFFNBlock``);
+- ``moe``: a fully dynamic MoE, DeepSpeed's ``MoE`` with FFN experts (``MoEFFN``);
+- ``pad``: PAD-MoE, DeepSpeed's ``MoE`` with PAD experts plus one static FFN (``PadMoE``).
+
+DeepSpeed's gate, capacity logic, all-to-all and expert-parallel groups are used as they are; nothing here imports
+``torch.distributed``. A layer built for ``ep_size > 1`` holds ``num_experts / ep_size`` local experts and needs the
+process groups that ``deepspeed.initialize`` attaches; pass ``ep_rank`` so local experts get their global ids.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from deepspeed.moe.layer import MoE
+from torch import nn
+
+from pad_moe.moe.ffn import FFN, PadContext, PadExpert, get_activation
+from pad_moe.pad.protocol import PadMaskMixin
+
+MODES = ("static", "moe", "pad")
+MASK_SHARING = ("layer", "expert")
+NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
+
+
+class DenseFFNBlock(nn.Module):
+    """mode='static': the dense FFN with the MoE forward contract (zero auxiliary loss, no expert counts)."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, *, activation: str = "gelu", bias: bool = True, **_unused):
+        super().__init__()
+        self.ffn = FFN(hidden_size, ffn_size, activation, bias)
+
+    @classmethod
+    def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", **kwargs) -> "DenseFFNBlock":
+        hidden, ffn_size = _check_dense_pair(fc1, fc2)
+        block = cls(hidden, ffn_size, activation=activation, bias=fc1.bias is not None)
+        _copy_linear_(block.ffn.fc1, fc1)
+        _copy_linear_(block.ffn.fc2, fc2)
+        return block
+
+    def forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        return self.ffn(x), x.new_zeros((), dtype=torch.float32), None
+
+
+class MoEFFN(nn.Module):
+    """mode='moe': DeepSpeed's MoE with whole-FFN experts, experts seeded by their global id."""
+
+    expert_class = FFN
+
+    def __init__(self, hidden_size: int, ffn_size: int, *, num_experts: int = 8, k: int = 2, ep_size: int = 1,
+                 ep_rank: int = 0, activation: str = "gelu", bias: bool = True, capacity_factor: float = 1.0,
+                 eval_capacity_factor: float = 1.0, min_capacity: int = 4, drop_tokens: bool = True,
+                 noisy_gate_policy: Optional[str] = None, use_rts: bool = True, seed: int = 0):
+        super().__init__()
+        _validate_moe_args(hidden_size, ffn_size, num_experts, k, ep_size, ep_rank, capacity_factor,
+                           eval_capacity_factor, min_capacity, noisy_gate_policy)
+        get_activation(activation)
+        self.hidden_size, self.ffn_size, self.activation = hidden_size, ffn_size, activation
+        self.num_experts, self.k, self.ep_size, self.ep_rank = num_experts, k, ep_size, ep_rank
+        self.num_local_experts = num_experts // ep_size
+        template = self.expert_class(hidden_size, ffn_size, activation, bias)
+        self.moe = MoE(hidden_size, template, num_experts=num_experts, ep_size=ep_size, k=k,
+                       capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                       min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens,
+                       use_rts=use_rts)
+        self.reset_experts(seed)
+
+    # -- experts ----------------------------------------------------------------------------------------------------
+    @property
+    def local_experts(self) -> list[nn.Module]:
+        return list(self.moe.deepspeed_moe.experts.deepspeed_experts)
+
+    @property
+    def global_expert_ids(self) -> list[int]:
+        first = self.ep_rank * self.num_local_experts
+        return list(range(first, first + self.num_local_experts))
+
+    @property
+    def gate_weight(self) -> torch.Tensor:
+        return self.moe.deepspeed_moe.gate.wg.weight
+
+    def reset_experts(self, seed: int) -> None:
+        """Independent initialisation per expert, reproducible from (seed, global expert id) at any ep_size."""
+        for gid, expert in zip(self.global_expert_ids, self.local_experts):
+            expert.reset_parameters(torch.Generator().manual_seed(seed * 1_000_003 + 7919 * gid + 1))
+
+    def load_experts_from_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        for expert in self.local_experts:
+            _copy_linear_(expert.fc1, fc1)
+            _copy_linear_(expert.fc2, fc2)
+
+    @classmethod
+    def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, **kwargs):
+        """Upcycling: every expert (and, for PAD, the static FFN) starts as a copy of the dense FFN (fc1, fc2)."""
+        hidden, ffn_size = _check_dense_pair(fc1, fc2)
+        layer = cls(hidden, ffn_size, bias=fc1.bias is not None, **kwargs)
+        layer.load_experts_from_dense(fc1, fc2)
+        return layer
+
+    def forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        """x (..., hidden) -> (output (..., hidden), l_aux scalar, exp_counts (num_experts,))."""
+        return self.moe(x, used_token)
+
+
+class PadMoE(PadMaskMixin, MoEFFN):
+    """mode='pad': PAD-MoE. Expert k computes FFN(x; λs(1−M)⊙W_s + λd M⊙W_k).
+
+    The static FFN (``static.fc1``, ``static.fc2``) is registered once on this layer, outside DeepSpeed's experts, so it
+    is replicated and all-reduced like any dense weight. Masks are shared by all experts of the layer
+    (``mask_sharing='layer'``, the paper) or held by each expert (``'expert'``, sharded with the experts). With
+    ``granularity='neuron'`` a partitioned layer can be compacted (``compact_``): static hidden units then run once per
+    token as a dense FFN and the experts keep only their dynamic units.
+    """
+
+    expert_class = PadExpert
+
+    def __init__(self, hidden_size: int, ffn_size: int, *, granularity: str = "element", mask_sharing: str = "layer",
+                 scale_mode: str = "both", **kwargs):
+        if mask_sharing not in MASK_SHARING:
+            raise ValueError(f"mask_sharing={mask_sharing!r} is unknown; allowed: {', '.join(MASK_SHARING)}")
+        super().__init__(hidden_size, ffn_size, **kwargs)
+        self.static = FFN(hidden_size, ffn_size, self.activation, bias=self.local_experts[0].fc1.bias is not None)
+        self.static.reset_parameters(torch.Generator().manual_seed(kwargs.get("seed", 0) * 1_000_003))
+        self.mask_sharing = mask_sharing
+        weight_shapes = {n: tuple(p.shape) for n, p in self.static.named_parameters()}
+        holders = None
+        if mask_sharing == "expert":
+            holders = {f"e{gid}.": e for gid, e in zip(self.global_expert_ids, self.local_experts)}
+        self.init_pad(weight_shapes, granularity=granularity, scale_mode=scale_mode, holders=holders,
+                      expert_parallel=mask_sharing == "expert")
+        self.compacted = False
+        self._gate_mass: Optional[torch.Tensor] = None
+        self._gate_hook = None
+
+    def load_experts_from_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        super().load_experts_from_dense(fc1, fc2)
+        if self.compacted:
+            raise ValueError("cannot upcycle into a compacted PadMoE; build, load, then compact_()")
+        _copy_linear_(self.static.fc1, fc1)
+        _copy_linear_(self.static.fc2, fc2)
+
+    # -- protocol extras ------------------------------------------------------------------------------------------
+    def magnitude_scores(self) -> dict[str, torch.Tensor]:
+        """|λd·W_k − λs·W_s| summed over this rank's experts (and over each mask entry's weights), per mask."""
+        lam_s, lam_d = self.scale_factors()
+        static = dict(self.static.named_parameters())
+        scores = {}
+        with torch.no_grad():
+            for prefix, experts in self._mask_holder_experts().items():
+                per_weight = {n: sum((lam_d * dict(e.named_parameters())[n] - lam_s * w).abs() for e in experts)
+                              for n, w in static.items()}
+                scores.update({prefix + k: v for k, v in self._reduce_to_masks(per_weight).items()})
+        return scores
+
+    def _mask_holder_experts(self) -> dict[str, list[nn.Module]]:
+        if self.mask_sharing == "layer":
+            return {"": self.local_experts}
+        return {f"e{gid}.": [e] for gid, e in zip(self.global_expert_ids, self.local_experts)}
+
+    def _reduce_to_masks(self, per_weight: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum weight-shaped scores onto the partition-mask entries that cover them."""
+        if self.granularity.name == "element":
+            return per_weight
+        return {"units": per_weight["fc1.weight"].sum(1) + per_weight["fc1.bias"] + per_weight["fc2.weight"].sum(0)}
+
+    def _on_masks_changed(self) -> None:
+        if self.compacted:
+            raise ValueError("masks of a compacted PadMoE are fixed; set them before compact_()")
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor] = None):
+        lam_s, lam_d = self.scale_factors()
+        if self.compacted:
+            return self._forward_compacted(x, used_token, lam_s, lam_d)
+        static = {n: lam_s * p for n, p in self.static.named_parameters()}
+        if self.mask_sharing == "layer":
+            shared = self.weight_masks()
+            masks_for = lambda expert: shared  # noqa: E731
+        else:
+            prefix_of = {id(e): f"e{gid}." for gid, e in zip(self.global_expert_ids, self.local_experts)}
+            masks_for = lambda expert: self.weight_masks(prefix_of[id(expert)])  # noqa: E731
+        return self._run_experts(x, used_token, PadContext(static, lam_d, masks_for))
+
+    def _run_experts(self, x, used_token, ctx: PadContext):
+        experts = self.local_experts
+        for expert in experts:
+            expert.pad_context = ctx
+        try:
+            return self.moe(x, used_token)
+        finally:
+            for expert in experts:
+                expert.pad_context = None
+
+    def _forward_compacted(self, x, used_token, lam_s, lam_d):
+        # Dynamic units go through the experts (scaled by λd); static units run once per token, weighted by the
+        # token's total gate value so the sum matches Σ_k g_k·FFN(x; W_k_eff) exactly (top-1 and dropped routes too).
+        out, l_aux, exp_counts = self._run_experts(x, used_token, PadContext(None, lam_d, None))
+        s = self.static
+        static_out = lam_s * s.fc2(s._act(lam_s * s.fc1(x)))
+        mass = self._gate_mass.reshape(x.shape[:-1] + (1,)).to(static_out.dtype)
+        self._gate_mass = None
+        return out + mass * static_out, l_aux, exp_counts
+
+    def _capture_gate_mass(self, _module, _inputs, output) -> None:
+        # DeepSpeed's sparse gate output: (l_aux, capacity, E, indices (k,S), locations (k,S), gates (k,S), counts);
+        # the gate of a dropped route is zero.
+        self._gate_mass = output[5].sum(0)
+
+    # -- neuron compaction ------------------------------------------------------------------------------------------
+    def compact_(self) -> "PadMoE":
+        """Shrink to the partition in place (neuron granularity, layer-shared masks): static units become a narrow
+        dense FFN, each expert keeps only its dynamic units. Do this before building the optimizer / DeepSpeed engine.
+        """
+        if self.compacted:
+            return self
+        if self.granularity.name != "neuron" or self.mask_sharing != "layer":
+            raise ValueError(f"compact_ needs granularity='neuron' and mask_sharing='layer', got "
+                             f"granularity={self.granularity.name!r}, mask_sharing={self.mask_sharing!r}")
+        if self._relaxed is not None:
+            raise ValueError("compact_ called while IMP relaxed masks are set; finish the partition first")
+        units = self.masks()["units"]
+        dyn, sta = units.nonzero().squeeze(1), (~units).nonzero().squeeze(1)
+        self.static = _narrow_ffn(self.static, sta, keep_fc2_bias=True)
+        for expert in self.local_experts:
+            narrow = _narrow_ffn(expert, dyn, keep_fc2_bias=False)
+            expert.fc1, expert.fc2 = narrow.fc1, narrow.fc2
+            for p in expert.parameters():
+                p.allreduce = False
+                p.group_name = self.moe.expert_group_name
+        self.compacted = True
+        self._gate_hook = self.moe.deepspeed_moe.gate.register_forward_hook(self._capture_gate_mass)
+        return self
+
+
+def build_ffn_block(mode: str, hidden_size: int, ffn_size: int, **kwargs) -> nn.Module:
+    """The FFN block for ``mode`` ('static', 'moe' or 'pad'); PAD-only arguments are ignored by the others."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
+    return _BLOCKS[mode](hidden_size, ffn_size, **_args_for(mode, kwargs))
+
+
+def ffn_block_from_dense(mode: str, fc1: nn.Linear, fc2: nn.Linear, **kwargs) -> nn.Module:
+    """Upcycle a dense FFN (fc1, fc2) into the block for ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
+    return _BLOCKS[mode].from_dense(fc1, fc2, **_args_for(mode, kwargs))
+
+
+_BLOCKS = {"static": DenseFFNBlock, "moe": MoEFFN, "pad": PadMoE}
+_PAD_ONLY = ("granularity", "mask_sharing", "scale_mode")
+
+
+def _args_for(mode: str, kwargs: dict) -> dict:
+    if mode == "static":
+        return {k: v for k, v in kwargs.items() if k in ("activation", "bias")}
+    if mode == "moe":
+        return {k: v for k, v in kwargs.items() if k not in _PAD_ONLY}
+    return dict(kwargs)
+
+
+def _narrow_ffn(ffn: nn.Module, units: torch.Tensor, keep_fc2_bias: bool) -> FFN:
+    """A copy of ffn restricted to hidden ``units`` (fc1 rows + bias entries, fc2 columns)."""
+    hidden = ffn.fc1.in_features
+    out = FFN(hidden, len(units), ffn.activation, bias=ffn.fc1.bias is not None)
+    if not keep_fc2_bias:
+        out.fc2 = nn.Linear(len(units), hidden, bias=False)
+    with torch.no_grad():
+        out.fc1.weight.copy_(ffn.fc1.weight[units])
+        if ffn.fc1.bias is not None:
+            out.fc1.bias.copy_(ffn.fc1.bias[units])
+        out.fc2.weight.copy_(ffn.fc2.weight[:, units])
+        if keep_fc2_bias and ffn.fc2.bias is not None:
+            out.fc2.bias.copy_(ffn.fc2.bias)
+    return out.to(ffn.fc1.weight.device, ffn.fc1.weight.dtype)
+
+
+def _check_dense_pair(fc1: nn.Linear, fc2: nn.Linear) -> tuple[int, int]:
+    if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
+        raise ValueError(f"from_dense needs two nn.Linear, got {type(fc1).__name__} and {type(fc2).__name__}")
+    if fc1.out_features != fc2.in_features or fc2.out_features != fc1.in_features:
+        raise ValueError(f"fc1 ({fc1.in_features}->{fc1.out_features}) and fc2 ({fc2.in_features}->"
+                         f"{fc2.out_features}) do not chain as hidden->ffn->hidden")
+    if (fc1.bias is None) != (fc2.bias is None):
+        raise ValueError("fc1 and fc2 must both have biases or both have none")
+    return fc1.in_features, fc1.out_features
+
+
+def _copy_linear_(dst: nn.Linear, src: nn.Linear) -> None:
+    with torch.no_grad():
+        dst.weight.copy_(src.weight)
+        if dst.bias is not None:
+            dst.bias.copy_(src.bias)
+
+
+def _validate_moe_args(hidden_size, ffn_size, num_experts, k, ep_size, ep_rank, capacity_factor,
+                       eval_capacity_factor, min_capacity, noisy_gate_policy) -> None:
+    if hidden_size < 1 or ffn_size < 1:
+        raise ValueError(f"hidden_size={hidden_size} and ffn_size={ffn_size} must be >= 1")
+    if num_experts < 1 or ep_size < 1:
+        raise ValueError(f"num_experts={num_experts} and ep_size={ep_size} must be >= 1")
+    if num_experts % ep_size:
+        raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={ep_size}; pick an ep_size that "
+                         "divides the number of experts")
+    if not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank={ep_rank} is outside [0, ep_size={ep_size})")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+    if capacity_factor <= 0 or eval_capacity_factor <= 0:
+        raise ValueError(f"capacity_factor={capacity_factor} and eval_capacity_factor={eval_capacity_factor} "
+                         "must be > 0")
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity={min_capacity} must be >= 0")
+    if noisy_gate_policy not in NOISY_GATE_POLICIES:
+        raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} is unknown; allowed: None, 'Jitter', 'RSample'")

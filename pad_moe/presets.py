@@ -1,0 +1,45 @@
+"""Named presets in one registry. A preset fills config sections; keys the user set explicitly win."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Tiny toy encoder that CI trains in seconds on 2 CPU ranks.
+    "debug": {
+        "model": {"arch": "toy", "hidden_size": 32, "ffn_size": 64, "num_layers": 2, "num_heads": 2,
+                  "vocab_size": 64, "max_seq_len": 16},
+        "moe": {"num_experts": 4, "k": 2, "min_capacity": 0},
+    },
+    # The same with neuron-granularity masks, compacted after partition.
+    "debug-neuron": {
+        "model": {"arch": "toy", "hidden_size": 32, "ffn_size": 64, "num_layers": 2, "num_heads": 2,
+                  "vocab_size": 64, "max_seq_len": 16},
+        "moe": {"num_experts": 4, "k": 2, "min_capacity": 0, "granularity": "neuron", "compact": True},
+    },
+    # A wider toy encoder (BERT-base FFN shape, 2 layers) for benchmarks.
+    "toy-bert-ffn": {
+        "model": {"arch": "toy", "hidden_size": 768, "ffn_size": 3072, "num_layers": 2, "num_heads": 12,
+                  "vocab_size": 1024, "max_seq_len": 128},
+        "moe": {"num_experts": 8, "k": 2},
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(MODEL_PRESETS)
+
+
+def apply_model_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``data`` from the preset named in data['model']['preset'] (default 'debug'), explicit keys first."""
+    model = data.setdefault("model", {})
+    if not isinstance(model, dict):
+        raise ValueError(f"model must be a mapping, got {type(model).__name__}")
+    name = model.get("preset", "debug")
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"model.preset={name!r} does not exist; known presets: {', '.join(preset_names())}")
+    for section, values in MODEL_PRESETS[name].items():
+        target = data.setdefault(section, {})
+        for key, value in values.items():
+            target.setdefault(key, value)
+    return data
