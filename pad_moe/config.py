@@ -54,6 +54,8 @@ class MoEConfig:
     """None, 'Jitter' or 'RSample' (DeepSpeed's gate noise)."""
     use_rts: bool = True
     """Random token selection when an expert overflows (DeepSpeed)."""
+    second_expert_sampling: bool = True
+    """Top-2: sample the second expert with Gumbel noise (DeepSpeed/GShard); false makes routing deterministic."""
     activation: str = "gelu"
     """FFN activation for models built from scratch (upcycled models keep theirs)."""
     granularity: str = "element"

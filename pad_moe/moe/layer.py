@@ -52,7 +52,8 @@ class MoEFFN(nn.Module):
     def __init__(self, hidden_size: int, ffn_size: int, *, num_experts: int = 8, k: int = 2, ep_size: int = 1,
                  ep_rank: int = 0, activation: str = "gelu", bias: bool = True, capacity_factor: float = 1.0,
                  eval_capacity_factor: float = 1.0, min_capacity: int = 4, drop_tokens: bool = True,
-                 noisy_gate_policy: Optional[str] = None, use_rts: bool = True, seed: int = 0):
+                 noisy_gate_policy: Optional[str] = None, use_rts: bool = True, second_expert_sampling: bool = True,
+                 seed: int = 0):
         super().__init__()
         _validate_moe_args(hidden_size, ffn_size, num_experts, k, ep_size, ep_rank, capacity_factor,
                            eval_capacity_factor, min_capacity, noisy_gate_policy)
@@ -64,7 +65,7 @@ class MoEFFN(nn.Module):
         self.moe = MoE(hidden_size, template, num_experts=num_experts, ep_size=ep_size, k=k,
                        capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                        min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens,
-                       use_rts=use_rts)
+                       use_rts=use_rts, top2_2nd_expert_sampling=second_expert_sampling)
         self.reset_experts(seed)
 
     # -- experts ----------------------------------------------------------------------------------------------------
@@ -76,6 +77,10 @@ class MoEFFN(nn.Module):
     def global_expert_ids(self) -> list[int]:
         first = self.ep_rank * self.num_local_experts
         return list(range(first, first + self.num_local_experts))
+
+    @property
+    def expert_group_name(self) -> str:
+        return self.moe.expert_group_name
 
     @property
     def gate_weight(self) -> torch.Tensor:
@@ -115,6 +120,7 @@ class PadMoE(PadMaskMixin, MoEFFN):
     """
 
     expert_class = PadExpert
+    expert_group_name = MoEFFN.expert_group_name  # the mixin's default (None) is for modules without experts
 
     def __init__(self, hidden_size: int, ffn_size: int, *, granularity: str = "element", mask_sharing: str = "layer",
                  scale_mode: str = "both", **kwargs):

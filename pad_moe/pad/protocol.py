@@ -6,7 +6,9 @@
     dynamic_ratio()         -> float                  fraction of True entries over this module's masks
     set_relaxed_masks(m)    -> None                   real-valued masks used by forward while IMP scores (None: off)
     expert_parallel_masks() -> set of names           masks sharded across expert-parallel ranks (per-expert masks)
-    pad_weights(name)       -> (W_static, W_dyn)      the two weights a mask entry selects between (magnitude scorer)
+    magnitude_scores()      -> {name: tensor}         |λd·W_dyn − λs·W_s| summed onto each mask entry (this rank's part)
+    expert_group_name       -> str | None             DeepSpeed expert-parallel group of sharded masks (None: no experts)
+    drop_static(flag)       -> None                   λs := 0 for good ("MoE-P": SNIP pruning of the MoE, paper Table 5)
 
 ``PadMaskMixin`` is the one implementation, shared by PAD-MoE and PAD-DyConv: a module declares its PAD weights with
 ``init_pad`` and reads the per-weight masks in forward with ``weight_masks``.
@@ -36,6 +38,8 @@ class PadModule(Protocol):
     def set_relaxed_masks(self, masks: Mapping[str, torch.Tensor] | None) -> None: ...
 
     def expert_parallel_masks(self) -> set[str]: ...
+
+    def magnitude_scores(self) -> dict[str, torch.Tensor]: ...
 
 
 def pad_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -69,6 +73,7 @@ class PadMaskMixin:
         self._holders = dict(holders) if holders is not None else {"": self}
         self._expert_parallel = expert_parallel
         self._relaxed: dict[str, torch.Tensor] | None = None
+        self.static_dropped = False
         for holder in self._holders.values():
             for name, shape in self._mask_shapes.items():
                 holder.register_buffer(_buffer_name(name), torch.ones(shape, dtype=torch.bool))
@@ -92,8 +97,15 @@ class PadMaskMixin:
                 current[name].copy_(new.to(device=current[name].device, dtype=torch.bool))
         self._on_masks_changed()
 
+    expert_group_name: str | None = None
+
     def scale_factors(self):
-        return scale_factors_from_phi(self.phi, self.scale_mode)
+        lam_s, lam_d = scale_factors_from_phi(self.phi, self.scale_mode)
+        return (0.0 if self.static_dropped else lam_s), lam_d
+
+    def drop_static(self, flag: bool = True) -> None:
+        """MoE-P: remove the static part (λs = 0), leaving a pruned MoE whose experts keep only M=1 entries."""
+        self.static_dropped = bool(flag)
 
     def dynamic_ratio(self) -> float:
         masks = self.masks().values()
