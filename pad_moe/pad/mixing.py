@@ -44,7 +44,7 @@ def scale_factors_from_phi(phi: torch.Tensor | None, mode: str) -> tuple[torch.T
     if mode == "dynamic":
         return 1.0, 2 * torch.sigmoid(phi)
     if mode == "unconstrained":
-        return 1 + phi[0], 1 + phi[1]
+        return 1 + phi[0:1], 1 + phi[1:2]
     raise ValueError(f"scale_mode={mode!r} is unknown; allowed: {', '.join(SCALE_MODES)}")
 
 
@@ -54,7 +54,8 @@ def make_phi(mode: str) -> nn.Parameter | None:
         raise ValueError(f"scale_mode={mode!r} is unknown; allowed: {', '.join(SCALE_MODES)}")
     if mode == "none":
         return None
-    return nn.Parameter(torch.zeros(2 if mode == "unconstrained" else ()))
+    # Shape (1,), not (): DeepSpeed broadcasts parameters through a byte view, which 0-dim tensors cannot take.
+    return nn.Parameter(torch.zeros(2 if mode == "unconstrained" else 1))
 
 
 def as_float(value) -> float:

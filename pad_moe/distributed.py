@@ -1,0 +1,161 @@
+"""DeepSpeed glue, in one place: process groups, the DeepSpeed config a run uses, the engine, small collectives.
+
+Model code never imports torch.distributed; everything that knows about ranks lives here (and in the partition's
+collectives module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from pad_moe.config import RunConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class UsageError(ValueError):
+    """Bad user input (config, files, world size): reported as one line, exit status 2."""
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise DeepSpeed comm (gloo on CPU, nccl on CUDA) when launched with ranks; return (rank, world)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29512")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def expert_parallel_rank(rank: int, world: int, ep_size: int) -> int:
+    """This rank's position in its expert-parallel group (DeepSpeed's layout: consecutive ranks form a group)."""
+    if world % ep_size:
+        raise UsageError(f"moe.ep_size={ep_size} does not divide the world size {world}; launch a multiple of "
+                         f"{ep_size} ranks or set moe.ep_size to a divisor of {world}")
+    return rank % ep_size
+
+
+def load_ds_json(path: str) -> dict[str, Any]:
+    resolved = path if os.path.isabs(path) or os.path.exists(path) else os.path.join(REPO_ROOT, path)
+    if not os.path.isfile(resolved):
+        raise UsageError(f"train.ds_config={path!r} does not exist; use one of configs/ds_zero*.json")
+    with open(resolved) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"train.ds_config={path!r} is not valid JSON: {err}") from None
+
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def build_ds_config(cfg: RunConfig, world: int, total_steps: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: the JSON file plus batch sizes, precision, optimizer, schedule and monitor,
+    all taken from the run config (so batch size and learning rate are set in exactly one place)."""
+    ds = load_ds_json(cfg.train.ds_config)
+    present = [k for k in BATCH_KEYS if k in ds]
+    if present:
+        raise UsageError(f"{cfg.train.ds_config} sets {present[0]}; batch sizes come from train.micro_batch_size and "
+                         "train.grad_accum only: remove it from the JSON")
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * world
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if t.zero_stage is not None:
+        zero["stage"] = t.zero_stage
+    if cfg.moe.mode != "static" and zero.get("stage", 0) > 2:
+        raise UsageError(f"ZeRO stage {zero['stage']} does not support DeepSpeed MoE; set train.zero_stage to 0, 1 "
+                         "or 2")
+    if t.dtype == "fp16" and not torch.cuda.is_available():
+        raise UsageError("train.dtype=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    ds["bf16"] = {"enabled": t.dtype == "bf16"}
+    ds["fp16"] = {"enabled": t.dtype == "fp16", "initial_scale_power": 12}
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-6,
+                                                   "weight_decay": t.weight_decay, "torch_adam": True}}
+    warmup = int(round(t.warmup_ratio * total_steps))
+    ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": max(total_steps, warmup + 1), "warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
+        "warmup_num_steps": warmup, "warmup_type": "linear"}}
+    ds["steps_per_print"] = 10**9  # pad_moe logs by itself
+    tb = ds.get("tensorboard", {})
+    if tb.get("enabled", True):
+        ds["tensorboard"] = {"enabled": True, "output_path": os.path.join(cfg.run_dir, "tensorboard"),
+                             "job_name": tb.get("job_name", "train")}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups (no decay for biases, norms, φ and masks' neighbours), split into MoE / non-MoE groups."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+
+
+def initialize_engine(model: torch.nn.Module, cfg: RunConfig, world: int, total_steps: int):
+    """deepspeed.initialize with pad_moe's config; returns (engine, ds_config)."""
+    import deepspeed
+
+    ds = build_ds_config(cfg, world, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                                           config=ds)
+    return engine, ds
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """In-place all-reduce when distributed; identity in one process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                    "min": dist.ReduceOp.MIN}[op], group=group)
+    return tensor
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def attach_expert_groups(model: torch.nn.Module) -> None:
+    """Give every DeepSpeed MoE layer its expert-parallel group before an engine exists (IMP runs before the engine)."""
+    from deepspeed.moe.layer import MoE
+
+    for module in model.modules():
+        if isinstance(module, MoE) and module.deepspeed_moe.ep_group is None:
+            module.set_deepspeed_parallelism()
+
+
+def detach_expert_groups(model: torch.nn.Module) -> None:
+    """Undo attach_expert_groups so that deepspeed.initialize can attach the groups itself (it asserts none is set)."""
+    from deepspeed.moe.layer import MoE
+
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.deepspeed_moe.ep_group = None
+            module.deepspeed_moe.gate.ep_group = None

@@ -1,0 +1,225 @@
+"""``padmoe train``: partition, then train a Job under a DeepSpeed engine, with checkpoints, exact resume and
+TensorBoard. Runs the same under ``deepspeed --num_gpus N`` on CPU (gloo) and on GPUs, on one node or many."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterator
+
+import torch
+
+from pad_moe import distributed as D
+from pad_moe.config import RunConfig
+from pad_moe.pad.mixing import as_float
+from pad_moe.pad.protocol import pad_modules
+from pad_moe.train import state
+from pad_moe.train.job import Batch, Job, build_job
+
+
+class MicroBatches:
+    """This rank's micro-batches, in a deterministic order per (seed, epoch), resumable at any global position.
+
+    Global micro-batch g holds ``micro * world`` examples of the epoch's permutation; rank r takes its r-th slice.
+    """
+
+    def __init__(self, dataset, collate, micro: int, rank: int, world: int, seed: int):
+        self.dataset, self.collate, self.micro, self.rank, self.world, self.seed = (
+            dataset, collate, micro, rank, world, seed)
+        self.per_epoch = len(dataset) // (micro * world)
+        if self.per_epoch == 0:
+            raise D.UsageError(f"the training set has {len(dataset)} examples, fewer than one global micro-batch "
+                               f"(train.micro_batch_size={micro} x {world} ranks); lower train.micro_batch_size")
+
+    def batch(self, g: int) -> Batch:
+        epoch, i = divmod(g, self.per_epoch)
+        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        start = (i * self.world + self.rank) * self.micro
+        return self.collate([self.dataset[int(j)] for j in perm[start:start + self.micro]])
+
+    def iterate(self, start: int) -> Iterator[Batch]:
+        g = start
+        while True:
+            yield self.batch(g)
+            g += 1
+
+
+def _to_device(batch: Batch, device) -> Batch:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _loss(job: Job, model, batch: Batch, aux_coef: float):
+    logits, aux = job.forward(model, batch)
+    task = job.task_loss(logits, batch["labels"])
+    return task + aux_coef * aux, task, aux
+
+
+def evaluate(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[str, dict[str, float]]:
+    """Metrics on every eval set. Every rank runs the same number of forwards (all-to-all needs lockstep): the set is
+    padded to a multiple of micro*world and the padding is dropped before the metric."""
+    engine.eval()
+    results = {}
+    micro = cfg.train.micro_batch_size
+    for name, dataset in job.eval_sets.items():
+        n = len(dataset)
+        chunk = micro * world
+        padded = -(-n // chunk) * chunk
+        preds, labels = [], []
+        with torch.no_grad():
+            for start in range(0, padded, chunk):
+                idx = [(start + rank * micro + j) % n for j in range(micro)]
+                batch = _to_device(job.collate([dataset[i] for i in idx]), engine.device)
+                logits, _ = job.forward(engine, batch)
+                preds.append(job.predictions(logits).float())
+                labels.append(batch["labels"].float())
+        p, y = state.gather_rank_major(torch.cat(preds), world), state.gather_rank_major(torch.cat(labels), world)
+        # rank-major layout back to dataset order: chunk c, rank r, item j -> c*chunk + r*micro + j
+        order = torch.arange(padded).reshape(-1, world, micro).permute(1, 0, 2).reshape(-1)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(padded)
+        p, y = p[inverse][:n], y[inverse][:n]
+        if job.num_labels > 1:
+            p, y = p.long(), y.long()
+        results[name] = job.metrics(p, y)
+    engine.train()
+    return results
+
+
+def pad_scalars(model) -> dict[str, float]:
+    out = {}
+    for i, (name, module) in enumerate(pad_modules(model)):
+        lam_s, lam_d = module.scale_factors()
+        out[f"pad/lambda_s/{i}"] = as_float(lam_s)
+        out[f"pad/lambda_d/{i}"] = as_float(lam_d)
+        out[f"pad/dynamic_ratio/{i}"] = module.dynamic_ratio()
+    return out
+
+
+def expert_loads(model) -> list[torch.Tensor]:
+    """Tokens per expert of each MoE layer in the latest forward (this rank's tokens)."""
+    from deepspeed.moe.layer import MoE
+
+    return [m.deepspeed_moe.exp_counts.detach().float().cpu() for m in model.modules()
+            if isinstance(m, MoE) and getattr(m.deepspeed_moe, "exp_counts", None) is not None]
+
+
+def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, rank: int, world: int) -> dict:
+    """IMP (or a baseline) on the raw module before the engine exists; returns the partition record."""
+    from pad_moe.partition import partition_from_config
+
+    model = job.model
+    D.attach_expert_groups(model)
+    try:
+        loss_fn = lambda m, b: _loss(job, m, _to_device(b, D.device()), cfg.moe.aux_loss_coef)[0]  # noqa: E731
+        part_batches = [batches.batch(g) for g in range(cfg.partition.num_batches)]
+        report = partition_from_config(model, part_batches, loss_fn, cfg.partition)
+    finally:
+        D.detach_expert_groups(model)
+    return report.to_dict() if hasattr(report, "to_dict") else dict(report)
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train per cfg; returns the run summary (also written to RUN_DIR/summary.json on rank 0)."""
+    t0 = time.time()
+    rank, world = D.init_distributed()
+    ep_rank = D.expert_parallel_rank(rank, world, cfg.moe.ep_size)
+    state.prepare_run_dir(cfg, resume, rank)
+    job = build_job(cfg, ep_rank)
+    job.model.to(D.device())
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout and gate noise
+    batches = MicroBatches(job.train_set, job.collate, cfg.train.micro_batch_size, rank, world, cfg.data.seed)
+    accum = cfg.train.grad_accum
+    total_steps = cfg.train.steps or cfg.train.epochs * max(1, batches.per_epoch // accum)
+
+    record = None
+    is_pad = any(True for _ in pad_modules(job.model))
+    if is_pad and resume and state.has_run_partition(cfg.run_dir):
+        record = state.load_run_partition(cfg.run_dir, job.model)
+    elif is_pad and cfg.partition.enabled and not resume:
+        record = run_partition(job, cfg, batches, rank, world)
+        state.save_run_partition(cfg.run_dir, job.model, record, rank)
+    if cfg.moe.compact:
+        for _, module in pad_modules(job.model):
+            module.compact_()
+
+    engine, _ = D.initialize_engine(job.model, cfg, world, total_steps)
+    start_step = 0
+    if resume:
+        start_step = state.load_checkpoint(engine, cfg.run_dir, rank)
+    monitor = engine.monitor if rank == 0 and getattr(engine, "monitor", None) is not None else None
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=cfg.name, dynamic_ncols=True)
+    stream = batches.iterate(start_step * accum)
+    losses: list[float] = []
+    window = {"loss": 0.0, "task": 0.0, "aux": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
+    loads: list[torch.Tensor] = []
+    for step in range(start_step, total_steps):
+        for _ in range(accum):
+            batch = _to_device(next(stream), engine.device)
+            loss, task, aux = _loss(job, engine, batch, cfg.moe.aux_loss_coef)
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += float(loss.detach()) / accum
+            window["task"] += float(task.detach()) / accum
+            window["aux"] += float(aux.detach()) / accum
+            window["samples"] += batch["labels"].shape[0] * world
+            window["tokens"] += int(batch["attention_mask"].sum()) * world
+            new = expert_loads(job.model)
+            loads = new if not loads else [a + b for a, b in zip(loads, new)]
+        window["n"] += 1
+        losses.append(_global_mean(loss.detach(), world))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == total_steps:
+            _log(monitor, engine, job.model, window, loads, done, world)
+            window = {k: 0.0 if k != "t" else time.time() for k in window}
+            loads = []
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
+            _log_eval(monitor, evaluate(engine, job, cfg, rank, world), done)
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != total_steps:
+            state.save_checkpoint(engine, cfg.run_dir, done, rank, record)
+    bar.close()
+    metrics = evaluate(engine, job, cfg, rank, world)
+    _log_eval(monitor, metrics, total_steps)
+    state.save_checkpoint(engine, cfg.run_dir, total_steps, rank, record)
+    summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
+               "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
+               "wall_time_s": time.time() - t0, "partition": record,
+               "params_trainable_local": sum(p.numel() for p in job.model.parameters() if p.requires_grad)}
+    if rank == 0:
+        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    D.barrier()
+    return summary
+
+
+def _global_mean(value: torch.Tensor, world: int) -> float:
+    t = value.detach().float().reshape(1).cpu()
+    D.all_reduce_(t)
+    return float(t) / world
+
+
+def _log(monitor, engine, model, window, loads, step, world) -> None:
+    loads = [D.all_reduce_(x.clone()) for x in loads]  # every rank joins the collective, rank 0 writes
+    if monitor is None:
+        return
+    dt = max(time.time() - window["t"], 1e-9)
+    n = max(window["n"], 1)
+    events = [("train/loss", window["loss"] / n, step), ("train/task_loss", window["task"] / n, step),
+              ("train/aux_loss", window["aux"] / n, step), ("train/lr", engine.get_lr()[0], step),
+              ("perf/samples_per_s", window["samples"] / dt, step), ("perf/tokens_per_s", window["tokens"] / dt, step)]
+    events += [(k, v, step) for k, v in pad_scalars(model).items()]
+    for layer, counts in enumerate(loads):
+        share = counts / counts.sum().clamp_min(1)
+        events += [(f"expert_load/layer{layer}/e{e}", float(s), step) for e, s in enumerate(share)]
+    monitor.write_events(events)
+
+
+def _log_eval(monitor, metrics: dict, step: int) -> None:
+    if monitor is None:
+        return
+    monitor.write_events([(f"eval/{split}/{k}", v, step) for split, m in metrics.items() for k, v in m.items()])
