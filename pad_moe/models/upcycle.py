@@ -1,0 +1,248 @@
+"""Upcycling: replace the FFN blocks of a Hugging Face encoder by static / MoE / PAD-MoE blocks (paper §5.1).
+
+Every expert (and, for PAD, the static weight) starts as a copy of the pretrained FFN, so with top-2 routing and no
+dropped tokens the upcycled model computes exactly the original function: the two gate values of a token are
+renormalised to sum to 1 and both experts are equal. With ``k=1`` DeepSpeed scales the expert output by the router
+probability p(x), so a top-1 model starts as p(x)·FFN(x), not FFN(x). ``drop_tokens`` defaults to False here (dropless);
+with ``drop_tokens=True`` tokens over capacity lose their route and the equality no longer holds.
+
+Supported layouts, found by attributes of the installed ``transformers`` classes:
+
+- BERT-style layers (BERT, RoBERTa, ELECTRA, MiniLM, ...): ``layer.intermediate`` (``dense`` + ``intermediate_act_fn``)
+  and ``layer.output`` (``dense``, dropout, ``LayerNorm``) used by ``feed_forward_chunk``. ``intermediate`` becomes an
+  :class:`UpcycledFFN` returning the FFN output (hidden size) and ``output.dense`` an ``nn.Identity``, so HF's own
+  forward (dropout, residual, LayerNorm) runs unchanged.
+- ALBERT layers: ``layer.ffn`` / ``layer.activation`` / ``layer.ffn_output`` used by ``ff_chunk``. ``ffn`` becomes the
+  :class:`UpcycledFFN`, the other two ``nn.Identity``. A layer shared across depth is one module and is replaced once;
+  it stays shared.
+
+FFN blocks are numbered in module order, each distinct module once (ALBERT's shared layer is block 0 however deep the
+model is); ``every=N`` replaces the blocks whose number i has ``i % N == N - 1`` (N=2: blocks 1, 3, 5, ... as in Switch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pad_moe.moe.ffn import get_activation
+from pad_moe.moe.layer import MODES, ffn_block_from_dense
+
+HF_ACTIVATIONS = {
+    "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu",
+}
+"""config.hidden_act of Hugging Face -> pad_moe activation name (checked numerically against the layer's function)."""
+
+BLOCK_KWARGS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "noisy_gate_policy",
+                "use_rts", "second_expert_sampling", "seed", "granularity", "mask_sharing", "scale_mode")
+"""Keyword arguments ``upcycle`` passes through to the blocks (see ``pad_moe.moe.layer``)."""
+
+_UPCYCLE_FIELDS = ("mode", "num_experts", "k", "every", "capacity_factor", "eval_capacity_factor", "min_capacity",
+                   "drop_tokens", "noisy_gate_policy", "use_rts", "second_expert_sampling", "granularity",
+                   "mask_sharing", "scale_mode")
+
+
+@dataclass
+class UpcycleInfo:
+    """How a model was upcycled; kept on the model as ``model.pad_moe_upcycle`` (a plain attribute)."""
+
+    mode: str
+    num_experts: int
+    k: int
+    every: int
+    ep_size: int
+    ep_rank: int
+    block_kwargs: dict
+    activation: str
+    replaced: list = field(default_factory=list)
+    moe_config: Optional[dict] = None
+
+    def upcycle_kwargs(self) -> dict:
+        """Arguments that rebuild the same structure with ``upcycle`` (ep_size / ep_rank excluded)."""
+        return {"mode": self.mode, "num_experts": self.num_experts, "k": self.k, "every": self.every,
+                **self.block_kwargs}
+
+
+class UpcycledFFN(nn.Module):
+    """Runs an FFN block (static / moe / pad) in place of a Hugging Face FFN and returns only its output.
+
+    The auxiliary loss and expert counts of every call since the model's latest top-level forward are kept in
+    ``aux_history`` / ``count_history`` (an ALBERT layer shared across depth is called once per depth).
+    """
+
+    def __init__(self, block: nn.Module, index: int):
+        super().__init__()
+        self.block = block
+        self.index = index  # FFN block number in the model (see module docstring)
+        self.aux_history: list[torch.Tensor] = []
+        self.count_history: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, seq, hidden) -> (batch, seq, hidden); padding tokens are routed like any other token."""
+        out, l_aux, counts = self.block(x)  # out (batch, seq, hidden), l_aux (), counts (num_experts,) or None
+        self.aux_history.append(l_aux)
+        if counts is not None:
+            self.count_history.append(counts)
+        return out
+
+    def reset_stats(self) -> None:
+        self.aux_history.clear()
+        self.count_history.clear()
+
+
+# -- finding FFN blocks ------------------------------------------------------------------------------------------------
+@dataclass
+class _Site:
+    name: str
+    layer: nn.Module
+    kind: str  # "bert" | "albert"
+    fc1: nn.Linear
+    fc2: nn.Linear
+    act_fn: object
+
+
+def _is_linear(m) -> bool:
+    return isinstance(m, nn.Linear)
+
+
+def _site_of(name: str, layer: nn.Module) -> Optional[_Site]:
+    inter, out = getattr(layer, "intermediate", None), getattr(layer, "output", None)
+    if (hasattr(layer, "feed_forward_chunk") and _is_linear(getattr(inter, "dense", None))
+            and hasattr(inter, "intermediate_act_fn") and _is_linear(getattr(out, "dense", None))
+            and hasattr(out, "LayerNorm")):
+        return _Site(name, layer, "bert", inter.dense, out.dense, inter.intermediate_act_fn)
+    if (hasattr(layer, "ff_chunk") and _is_linear(getattr(layer, "ffn", None))
+            and _is_linear(getattr(layer, "ffn_output", None)) and callable(getattr(layer, "activation", None))):
+        return _Site(name, layer, "albert", layer.ffn, layer.ffn_output, layer.activation)
+    return None
+
+
+def find_ffn_sites(model: nn.Module) -> list[_Site]:
+    """The dense FFN blocks of ``model`` in module order, each distinct module once."""
+    sites = []
+    for name, module in model.named_modules():  # named_modules yields a shared module once
+        site = _site_of(name, module)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def upcycled_ffns(model: nn.Module) -> dict[str, UpcycledFFN]:
+    """{qualified name: UpcycledFFN} of an upcycled model, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, UpcycledFFN)}
+
+
+def _activation_name(model: nn.Module, site: _Site) -> str:
+    hidden_act = getattr(getattr(model, "config", None), "hidden_act", None)
+    if not isinstance(hidden_act, str) or hidden_act not in HF_ACTIVATIONS:
+        raise ValueError(f"activation hidden_act={hidden_act!r} of {type(model).__name__} is not supported; "
+                         f"supported: {', '.join(HF_ACTIVATIONS)}")
+    ours = HF_ACTIVATIONS[hidden_act]
+    x = torch.linspace(-6, 6, 241)
+    with torch.no_grad():
+        theirs = site.act_fn(x)
+    if not torch.allclose(theirs, get_activation(ours)(x), atol=1e-5, rtol=0):
+        raise ValueError(f"the FFN activation of {site.name!r} does not compute {hidden_act!r} as config.hidden_act "
+                         "says; this model's activation is not supported")
+    return ours
+
+
+# -- upcycling ---------------------------------------------------------------------------------------------------------
+def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: int = 2, every: int = 1,
+            ep_size: int = 1, ep_rank: int = 0, **block_kwargs) -> nn.Module:
+    """Replace every ``every``-th FFN block of ``hf_model`` in place by the ``mode`` block, initialised from it.
+
+    ``block_kwargs``: any of :data:`BLOCK_KWARGS` (``drop_tokens`` defaults to False). Returns ``hf_model``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
+    unknown = sorted(set(block_kwargs) - set(BLOCK_KWARGS))
+    if unknown:
+        hint = " (the activation comes from the model's config.hidden_act)" if "activation" in unknown else ""
+        raise ValueError(f"upcycle got unknown argument {unknown[0]!r}{hint}; allowed: {', '.join(BLOCK_KWARGS)}")
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every={every!r} must be an integer >= 1")
+    if not isinstance(hf_model, nn.Module):
+        raise ValueError(f"upcycle needs a torch nn.Module, got {type(hf_model).__name__}")
+    if upcycled_ffns(hf_model):
+        raise ValueError(f"{type(hf_model).__name__} is already upcycled; upcycle the original model once")
+    sites = find_ffn_sites(hf_model)
+    if not sites:
+        raise ValueError(f"{type(hf_model).__name__} has no recognisable FFN block; supported: BERT-style encoders "
+                         "(BERT, RoBERTa, ELECTRA, MiniLM) and ALBERT")
+    chosen = [(i, s) for i, s in enumerate(sites) if i % every == every - 1]
+    if not chosen:
+        raise ValueError(f"every={every} replaces none of the {len(sites)} FFN blocks of {type(hf_model).__name__}; "
+                         f"use every <= {len(sites)}")
+    activation = _activation_name(hf_model, chosen[0][1])
+    block_kwargs = {"drop_tokens": False, **block_kwargs}
+    seed = block_kwargs.get("seed", 0)
+    for index, site in chosen:
+        block = ffn_block_from_dense(mode, site.fc1, site.fc2, num_experts=num_experts, k=k, ep_size=ep_size,
+                                     ep_rank=ep_rank, activation=activation, **block_kwargs)
+        if mode != "static":  # router init independent of the global RNG: same model at any rank and ep_size
+            gate = block.gate_weight  # (num_experts, hidden)
+            bound = gate.shape[1] ** -0.5
+            with torch.no_grad():
+                gate.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed * 1_000_003 + 31 * index))
+        block.to(device=site.fc1.weight.device, dtype=site.fc1.weight.dtype)  # bool masks stay bool
+        wrapper = UpcycledFFN(block, index)
+        if site.kind == "bert":
+            site.layer.intermediate = wrapper
+            site.layer.output.dense = nn.Identity()
+        else:
+            site.layer.ffn = wrapper
+            site.layer.activation = nn.Identity()
+            site.layer.ffn_output = nn.Identity()
+    hf_model.pad_moe_upcycle = UpcycleInfo(mode, num_experts, k, every, ep_size, ep_rank, dict(block_kwargs),
+                                           activation, list(upcycled_ffns(hf_model)))
+    hf_model.register_forward_pre_hook(_reset_stats_hook)
+    return hf_model
+
+
+def upcycle_from_config(hf_model: nn.Module, moe_cfg, ep_rank: int = 0) -> nn.Module:
+    """``upcycle`` with the fields of a ``pad_moe.config.MoEConfig`` (its ``drop_tokens`` is used as set there)."""
+    kwargs = {name: getattr(moe_cfg, name) for name in _UPCYCLE_FIELDS}
+    upcycle(hf_model, ep_size=moe_cfg.ep_size, ep_rank=ep_rank, **kwargs)
+    hf_model.pad_moe_upcycle.moe_config = asdict(moe_cfg)
+    return hf_model
+
+
+def _reset_stats_hook(module: nn.Module, _args) -> None:
+    # A top-level forward starts: forget the previous forward's auxiliary losses and counts.
+    for m in module.modules():
+        if isinstance(m, UpcycledFFN):
+            m.reset_stats()
+
+
+# -- auxiliary loss and expert load ------------------------------------------------------------------------------------
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the load-balancing losses of all replaced blocks in the latest forward (0 for static / no forward).
+
+    Add ``coef * aux_loss(model)`` to the task loss. A block called several times (ALBERT) counts every call.
+    """
+    terms = [l for ffn in upcycled_ffns(model).values() for l in ffn.aux_history]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack([t.float().to(terms[0].device) for t in terms]).sum()
+
+
+def expert_counts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{block name: tokens routed to each expert (num_experts,)} in the latest forward, summed over calls.
+
+    Counts are this rank's routing decisions (top-k counts each route); all-reduce them for the global load.
+    """
+    return {name: torch.stack(ffn.count_history).sum(0) for name, ffn in upcycled_ffns(model).items() if ffn.count_history}
+
+
+def upcycle_info(model: nn.Module) -> UpcycleInfo:
+    """The ``UpcycleInfo`` of ``model`` or of the upcycled submodule inside it (one-line ValueError if none)."""
+    for m in model.modules():
+        info = getattr(m, "pad_moe_upcycle", None)
+        if isinstance(info, UpcycleInfo):
+            return info
+    raise ValueError(f"{type(model).__name__} is not upcycled; call pad_moe.models.upcycle(model, ...) first")
