@@ -69,6 +69,14 @@ def test_tensorboard_has_losses_lambdas_ratios_and_expert_load(run):
         assert want in tags, (want, sorted(tags)[:20])
 
 
+def test_plot_run_renders_the_dashboards(run, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_run.py"), str(run["dir"]), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("losses.png", "expert_load.png", "pad.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
 def test_resume_reproduces_the_uninterrupted_losses(run):
     ckpt = run["dir"] / "checkpoints"
     shutil.rmtree(ckpt / "step12")

@@ -1,4 +1,4 @@
-"""Upcycling Hugging Face encoders: equivalence at initialisation, ALBERT sharing, auxiliary loss, gradients, bad input."""
+"""Upcycling Hugging Face encoders: equivalence at init, ALBERT sharing, auxiliary loss, gradients, bad input."""
 
 from __future__ import annotations
 
@@ -69,11 +69,11 @@ def random_masks_(model: nn.Module, seed: int = 0, p: float = 0.5) -> None:
 
 
 def assert_same(model_out, ref_out) -> None:
-    for got, want in zip(model_out, ref_out):
+    for got, want in zip(model_out, ref_out, strict=True):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-# -- equivalence at initialisation -------------------------------------------------------------------------------------
+# -- equivalence at initialisation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", ("static", "moe", "pad"))
 def test_upcycled_model_equals_original(arch, mode):
@@ -141,7 +141,7 @@ def test_upcycle_keeps_dtype_and_is_deterministic():
     assert half(**tiny_inputs()).logits.dtype == torch.bfloat16
 
 
-# -- ALBERT: one shared layer -----------------------------------------------------------------------------------------
+# -- ALBERT: one shared layer ----------------------------------------------------------------------------------------
 def test_albert_shared_layer_is_replaced_once_and_stays_shared():
     model, inputs = tiny_model("albert", num_hidden_layers=3), tiny_inputs()
     ref = outputs(model, inputs)
@@ -158,7 +158,7 @@ def test_albert_shared_layer_is_replaced_once_and_stays_shared():
     assert int(expert_counts(model)[name].sum()) == 3 * 2 * tokens
 
 
-# -- auxiliary loss, expert counts, gradients --------------------------------------------------------------------------
+# -- auxiliary loss, expert counts, gradients ------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ("bert", "albert"))
 def test_aux_loss_is_collected_from_all_blocks_and_reset_per_forward(arch):
     model, inputs = tiny_model(arch), tiny_inputs()
@@ -166,7 +166,7 @@ def test_aux_loss_is_collected_from_all_blocks_and_reset_per_forward(arch):
     assert float(aux_loss(model)) == 0.0  # no forward yet
     model(**inputs)
     first = aux_loss(model).detach()
-    per_block = [l for f in upcycled_ffns(model).values() for l in f.aux_history]
+    per_block = [aux for f in upcycled_ffns(model).values() for aux in f.aux_history]
     assert len(per_block) == 2 and torch.isfinite(first) and float(first) > 0
     torch.testing.assert_close(first, torch.stack(per_block).sum().detach())
     model(**inputs)  # a new forward replaces, never accumulates
@@ -209,7 +209,7 @@ def test_gradients_reach_experts_static_weights_phi_and_router_of_every_block():
         assert int((counts[name] > 0).sum()) >= 2, name
 
 
-# -- bad input ----------------------------------------------------------------------------------------------------------
+# -- bad input -------------------------------------------------------------------------------------------------------
 def one_line_error(fn, match: str) -> str:
     with pytest.raises(ValueError, match=match) as info:
         fn()
@@ -230,7 +230,9 @@ def test_bad_arguments_are_refused():
     one_line_error(lambda: upcycle(tiny_model("bert"), activation="relu"), "activation.*config.hidden_act")
     one_line_error(lambda: upcycle(tiny_model("bert"), every=3), "every=3 replaces none of the 2")
     one_line_error(lambda: upcycle(tiny_model("bert"), every=0), "every=0")
-    one_line_error(lambda: upcycle(tiny_model("bert"), num_experts=4, ep_size=3), "not divisible")
+    untouched = tiny_model("bert")
+    one_line_error(lambda: upcycle(untouched, num_experts=4, ep_size=3), "not divisible")
+    assert not upcycled_ffns(untouched) and len(find_ffn_sites(untouched)) == 2  # a refused upcycle changes nothing
     model = upcycle(tiny_model("bert"), mode="moe", num_experts=4)
     one_line_error(lambda: upcycle(model), "already upcycled")
     one_line_error(lambda: upcycle_info(tiny_model("bert")), "not upcycled")

@@ -36,7 +36,7 @@ def perturb_(model, seed: int = 0) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-# -- round trip ---------------------------------------------------------------------------------------------------------
+# -- round trip ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch, mode", [("bert", "pad"), ("albert", "moe"), ("electra", "static"), ("roberta", "pad")])
 def test_save_load_round_trip_gives_equal_outputs(tmp_path, arch, mode):
     model, inputs = tiny_model(arch), tiny_inputs()
@@ -59,7 +59,7 @@ def test_save_load_round_trip_gives_equal_outputs(tmp_path, arch, mode):
         stored = load_file(os.path.join(path, "model.safetensors"))
         masks = {k: v for k, v in stored.items() if ".mask_" in k}
         assert masks and all(v.dtype == torch.bool for v in masks.values())
-        for (_, a), (_, b) in zip(pad_modules(model), pad_modules(loaded)):
+        for (_, a), (_, b) in zip(pad_modules(model), pad_modules(loaded), strict=True):
             assert all(torch.equal(a.masks()[n], b.masks()[n]) for n in a.masks())
 
 
@@ -87,7 +87,7 @@ def test_expert_parallel_shards_merge_into_one_folder_and_split_again(tmp_path):
     for rank in (0, 1):  # what each rank of ep_size=2 holds, built without process groups
         part = upcycle(tiny_model("bert"), mode="pad", num_experts=4, ep_size=2, ep_rank=rank,
                        mask_sharing="expert", **NO_SAMPLING)
-        part.load_state_dict(load_file_state(full, ep_rank=rank), strict=True)
+        part.load_state_dict(local_part(full, ep_rank=rank), strict=True)
         shards.append(global_expert_state_dict(part))
     merged = {**shards[0], **shards[1]}
     one_line_error(lambda: save_upcycled(part, tmp_path / "x"), "ep_size=2")
@@ -97,18 +97,18 @@ def test_expert_parallel_shards_merge_into_one_folder_and_split_again(tmp_path):
     inputs = tiny_inputs()
     assert_same(outputs(loaded, inputs), outputs(full, inputs))
     rank1 = load_upcycled(path, ep_size=2, ep_rank=1)
-    biases = [float(e.fc1.bias[0]) for e in next(iter(upcycled_ffns(rank1).values())).block.local_experts]
+    biases = [float(e.fc1.bias[0].detach()) for e in next(iter(upcycled_ffns(rank1).values())).block.local_experts]
     assert biases == [2.0, 3.0]
 
 
-def load_file_state(full, ep_rank: int) -> dict:
+def local_part(full, ep_rank: int) -> dict:
     """The local part (ep_size=2) of an ep_size=1 model's state: global experts 2r, 2r+1 renamed to 0, 1."""
     from pad_moe.models.saving import _local_experts
 
     return _local_experts(full.state_dict(), 4, 2, ep_rank)
 
 
-# -- refusals -----------------------------------------------------------------------------------------------------------
+# -- refusals --------------------------------------------------------------------------------------------------------
 def test_refuses_to_overwrite_a_non_empty_folder(tmp_path):
     model = upcycle(tiny_model("bert"), mode="moe", num_experts=4)
     path = save_upcycled(model, tmp_path / "m")
@@ -119,7 +119,7 @@ def test_refuses_to_overwrite_a_non_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()  # an empty folder is fine
     save_upcycled(model, tmp_path / "empty")
     one_line_error(lambda: save_upcycled(tiny_model("bert"), tmp_path / "n"), "not upcycled")
-    one_line_error(lambda: save_upcycled(model, tmp_path / "n", moe_config=MoEConfig(num_experts=8)),
+    one_line_error(lambda: save_upcycled(model, tmp_path / "n", moe_config=MoEConfig(mode="moe", num_experts=8)),
                    "num_experts=8 does not match")
     assert not (tmp_path / "n").exists()
 
@@ -151,7 +151,7 @@ def test_weights_of_another_structure_are_refused(tmp_path):
     one_line_error(lambda: load_upcycled(path), "does not match the rebuilt model")
 
 
-# -- the real MiniLM ----------------------------------------------------------------------------------------------------
+# -- the real MiniLM -------------------------------------------------------------------------------------------------
 def minilm_model():
     model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_hidden_layers=2, num_labels=2)
     return model.eval(), AutoTokenizer.from_pretrained(minilm_dir())

@@ -59,7 +59,7 @@ def _local_experts(state: dict, num_experts: int, ep_size: int, ep_rank: int) ->
     return out
 
 
-# -- save --------------------------------------------------------------------------------------------------------------
+# -- save ------------------------------------------------------------------------------------------------------------
 def save_upcycled(model: nn.Module, path, tokenizer=None, moe_config=None,
                   state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> str:
     """Write ``model`` (upcycled Hugging Face model) to the new folder ``path``; returns its absolute path.
@@ -150,7 +150,7 @@ def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# -- load --------------------------------------------------------------------------------------------------------------
+# -- load ------------------------------------------------------------------------------------------------------------
 def read_upcycled_meta(path) -> dict:
     """The ``pad_moe.json`` of a saved folder, checked (one-line ValueError if missing or corrupt)."""
     path = os.fspath(path)
@@ -163,7 +163,8 @@ def read_upcycled_meta(path) -> dict:
         with open(os.path.join(path, META_FILE)) as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{os.path.join(path, META_FILE)} is corrupt ({type(err).__name__}); save the model again")
+        raise ValueError(f"{os.path.join(path, META_FILE)} is corrupt ({type(err).__name__}); save the model again") \
+            from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{os.path.join(path, META_FILE)} is not a {FORMAT} v{VERSION} file; save the model again")
     for key in ("architecture", "upcycle", "replaced", "layers"):

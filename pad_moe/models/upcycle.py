@@ -16,8 +16,9 @@ Supported layouts, found by attributes of the installed ``transformers`` classes
   :class:`UpcycledFFN`, the other two ``nn.Identity``. A layer shared across depth is one module and is replaced once;
   it stays shared.
 
-FFN blocks are numbered in module order, each distinct module once (ALBERT's shared layer is block 0 however deep the
-model is); ``every=N`` replaces the blocks whose number i has ``i % N == N - 1`` (N=2: blocks 1, 3, 5, ... as in Switch).
+FFN blocks are numbered in module order, each distinct module once (ALBERT's shared layer is block 0 however deep
+the model is); ``every=N`` replaces the blocks whose number i has ``i % N == N - 1`` (N=2: blocks 1, 3, 5, ... as in
+Switch).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class UpcycledFFN(nn.Module):
     """Runs an FFN block (static / moe / pad) in place of a Hugging Face FFN and returns only its output.
 
     The auxiliary loss and expert counts of every call since the model's latest top-level forward are kept in
-    ``aux_history`` / ``count_history`` (an ALBERT layer shared across depth is called once per depth).
+    ``aux_history`` / ``count_history`` (an ALBERT layer shared across depth is called once per depth). Read them
+    between forward and backward: activation checkpointing re-runs the block in backward and appends again.
     """
 
     def __init__(self, block: nn.Module, index: int):
@@ -94,7 +96,7 @@ class UpcycledFFN(nn.Module):
         self.count_history.clear()
 
 
-# -- finding FFN blocks ------------------------------------------------------------------------------------------------
+# -- finding FFN blocks ----------------------------------------------------------------------------------------------
 @dataclass
 class _Site:
     name: str
@@ -151,7 +153,7 @@ def _activation_name(model: nn.Module, site: _Site) -> str:
     return ours
 
 
-# -- upcycling ---------------------------------------------------------------------------------------------------------
+# -- upcycling -------------------------------------------------------------------------------------------------------
 def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: int = 2, every: int = 1,
             ep_size: int = 1, ep_rank: int = 0, **block_kwargs) -> nn.Module:
     """Replace every ``every``-th FFN block of ``hf_model`` in place by the ``mode`` block, initialised from it.
@@ -181,6 +183,7 @@ def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: 
     activation = _activation_name(hf_model, chosen[0][1])
     block_kwargs = {"drop_tokens": False, **block_kwargs}
     seed = block_kwargs.get("seed", 0)
+    blocks = []  # build every block before touching the model, so a bad argument leaves it unchanged
     for index, site in chosen:
         block = ffn_block_from_dense(mode, site.fc1, site.fc2, num_experts=num_experts, k=k, ep_size=ep_size,
                                      ep_rank=ep_rank, activation=activation, **block_kwargs)
@@ -189,7 +192,8 @@ def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: 
             bound = gate.shape[1] ** -0.5
             with torch.no_grad():
                 gate.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed * 1_000_003 + 31 * index))
-        block.to(device=site.fc1.weight.device, dtype=site.fc1.weight.dtype)  # bool masks stay bool
+        blocks.append(block.to(device=site.fc1.weight.device, dtype=site.fc1.weight.dtype))  # masks stay bool
+    for (index, site), block in zip(chosen, blocks, strict=True):
         wrapper = UpcycledFFN(block, index)
         if site.kind == "bert":
             site.layer.intermediate = wrapper
@@ -219,13 +223,13 @@ def _reset_stats_hook(module: nn.Module, _args) -> None:
             m.reset_stats()
 
 
-# -- auxiliary loss and expert load ------------------------------------------------------------------------------------
+# -- auxiliary loss and expert load ----------------------------------------------------------------------------------
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the load-balancing losses of all replaced blocks in the latest forward (0 for static / no forward).
 
     Add ``coef * aux_loss(model)`` to the task loss. A block called several times (ALBERT) counts every call.
     """
-    terms = [l for ffn in upcycled_ffns(model).values() for l in ffn.aux_history]
+    terms = [aux for ffn in upcycled_ffns(model).values() for aux in ffn.aux_history]
     if not terms:
         return torch.zeros(())
     return torch.stack([t.float().to(terms[0].device) for t in terms]).sum()
@@ -236,7 +240,8 @@ def expert_counts(model: nn.Module) -> dict[str, torch.Tensor]:
 
     Counts are this rank's routing decisions (top-k counts each route); all-reduce them for the global load.
     """
-    return {name: torch.stack(ffn.count_history).sum(0) for name, ffn in upcycled_ffns(model).items() if ffn.count_history}
+    ffns = upcycled_ffns(model).items()
+    return {name: torch.stack(ffn.count_history).sum(0) for name, ffn in ffns if ffn.count_history}
 
 
 def upcycle_info(model: nn.Module) -> UpcycleInfo:

@@ -1,0 +1,77 @@
+"""Dynamic-property metrics (paper Fig. 6, after Li et al. 2021): how much the parameters a token gets, and the outputs
+it produces, vary across the tokens of a batch.
+
+For an MoE layer token s gets the effective FFN weights w_s = Σ_k G[s, k]·W_k_eff (G: gate values, zero for unused
+experts). Per weight entry p, Var_s(w_s[p]) = Σ_{k,l} Cov_s(G)[k, l]·W_k[p]·W_l[p]; summed over entries this is
+Σ_{k,l} Cov(G)[k, l]·⟨W_k, W_l⟩, so only the E×E Gram matrix of expert weights is needed, never per-token weights.
+``parameter_variance`` reports the mean over entries; ``output_variance`` the mean over hidden units of the variance of
+the layer output across tokens. A dense layer has parameter variance 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pad_moe.moe.layer import MoEFFN, PadMoE
+
+
+def effective_expert_weights(layer: MoEFFN) -> torch.Tensor:
+    """(E_local, P): every local expert's effective FFN weights, flattened (PAD: the mixed weights)."""
+    rows = []
+    for expert in layer.local_experts:
+        if isinstance(layer, PadMoE) and not layer.compacted:
+            lam_s, lam_d = layer.scale_factors()
+            static = {n: lam_s * p for n, p in layer.static.named_parameters()}
+            masks = (layer.weight_masks() if layer.mask_sharing == "layer" else
+                     layer.weight_masks(f"e{layer.global_expert_ids[layer.local_experts.index(expert)]}."))
+            from pad_moe.pad.mixing import pad_mix
+
+            own = dict(expert.named_parameters())
+            ws = [pad_mix(static[n], own[n], masks[n], 1.0, lam_d).flatten() for n in static]
+        else:
+            ws = [p.flatten() for p in expert.parameters()]
+        rows.append(torch.cat(ws))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def dynamic_properties(model: nn.Module, run_forward) -> dict[str, dict[str, float]]:
+    """Per MoE layer (all experts local, e.g. a consolidated single-process model): parameter and output variance
+    across the tokens of the batch that ``run_forward()`` feeds to ``model``."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoEFFN)]
+    captured: dict[str, dict[str, torch.Tensor]] = {n: {} for n, _ in layers}
+    hooks = []
+    for name, layer in layers:
+        if layer.ep_size != 1:
+            raise ValueError(f"dynamic_properties needs all experts local; layer {name} has ep_size={layer.ep_size}: "
+                             "consolidate the checkpoint first (padmoe consolidate)")
+
+        def gate_hook(_m, _i, out, name=name):
+            indices, gates = out[3].long(), out[5]  # (k, S) expert ids (-1: dropped) and gate values
+            S, E = indices.shape[1], out[2]
+            G = torch.zeros(S, E, dtype=gates.dtype)
+            for k in range(indices.shape[0]):
+                keep = indices[k] >= 0
+                G[torch.arange(S)[keep], indices[k][keep]] += gates[k][keep]
+            captured[name]["gates"] = G
+
+        def out_hook(_m, _i, out, name=name):
+            captured[name]["out"] = out[0].detach().reshape(-1, out[0].shape[-1]).float()
+
+        hooks.append(layer.moe.deepspeed_moe.gate.register_forward_hook(gate_hook))
+        hooks.append(layer.register_forward_hook(out_hook))
+    try:
+        run_forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    result = {}
+    for name, layer in layers:
+        G = captured[name]["gates"].double()  # (S, E)
+        W = effective_expert_weights(layer).double()  # (E, P)
+        cov = torch.cov(G.t(), correction=0)  # (E, E) across tokens
+        gram = W @ W.t()
+        result[name] = {"parameter_variance": float((cov * gram).sum() / W.shape[1]),
+                        "output_variance": float(captured[name]["out"].var(0, unbiased=False).mean())}
+    return result

@@ -1,0 +1,223 @@
+"""Iterative Mode Partition (paper Eq. 5-9) and its baselines: random partition, one-shot (T=1) and MoE-P.
+
+Round t of T keeps the top κ_t fraction of entries (over all entries, re-scored with the current masks) dynamic, with
+κ_t = κ^(t/T) (exponential) or 1 − (1−κ)·t/T (linear). The count per selection group is exactly
+``dynamic_count(κ_t, N)`` = ⌊κ_t·N + ½⌋, found by an exact distributed selection; ties at the threshold are broken by a
+fixed global entry order, so every rank, and any number of ranks, gets the same masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from pad_moe.partition import collectives as C
+from pad_moe.partition.layout import MaskLayout
+from pad_moe.partition.scoring import SCORERS, score_entries
+from pad_moe.partition.selection import select_top
+
+SCOPES = ("global", "layer")
+SCHEDULES = ("exponential", "linear")
+METHODS = ("imp", "random", "moe_p")
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class PartitionReport:
+    """What a partition did; ``to_dict()`` is the JSON record saved with the masks."""
+
+    method: str
+    kappa: float
+    iterations: int
+    scorer: str
+    scope: str
+    schedule: str
+    seed: int
+    num_batches: int
+    """Batches scored per round on this rank."""
+    world_size: int
+    kappa_per_round: list[float] = field(default_factory=list)
+    dynamic_per_round: list[int] = field(default_factory=list)
+    """Dynamic entries after each round, over all ranks."""
+    churn_per_round: list[float] = field(default_factory=list)
+    """Fraction of all entries whose mode changed in each round."""
+    total_entries: int = 0
+    layer_ratios: dict[str, float] = field(default_factory=dict)
+    """Dynamic fraction of each PAD module over all its masks (all experts)."""
+    time_s: float = 0.0
+
+    @property
+    def dynamic_fraction(self) -> float:
+        return self.dynamic_per_round[-1] / self.total_entries if self.total_entries else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dynamic_count(kappa: float, total: int) -> int:
+    """Entries kept dynamic out of ``total`` for a dynamic fraction ``kappa``: ⌊κ·N + ½⌋."""
+    return int(math.floor(kappa * total + 0.5))
+
+
+def kappa_schedule(kappa: float, iterations: int, schedule: str = "exponential") -> list[float]:
+    """κ_1..κ_T; the last one is κ exactly."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+    T = iterations
+    if schedule == "exponential":
+        kappas = [kappa ** (t / T) for t in range(1, T + 1)]
+    else:
+        kappas = [1 - (1 - kappa) * t / T for t in range(1, T + 1)]
+    return kappas[:-1] + [kappa]
+
+
+def iterative_mode_partition(model: nn.Module, batches: Optional[Iterable], loss_fn: Optional[LossFn], *,
+                             kappa: float, iterations: int = 5, scorer: str = "snip", scope: str = "global",
+                             schedule: str = "exponential", seed: int = 0, train_mode: bool = False) -> PartitionReport:
+    """Partition every PAD module of ``model`` (an nn.Module or a DeepSpeed engine) in place; return the report.
+
+    ``loss_fn(model, batch)`` returns a scalar loss; each rank passes its own batches (its data shard), every rank the
+    same number. Scoring runs in eval mode unless ``train_mode``; parameters' requires_grad and every module's
+    train/eval mode are restored afterwards. Gradients are taken w.r.t. the relaxed masks only (no .grad is touched).
+    """
+    _validate(kappa, iterations, scorer, scope, schedule)
+    t0 = time.perf_counter()
+    layout = MaskLayout(model)
+    batch_list = _batch_list(batches, loss_fn, scorer, layout.device)
+    groups, num_groups = layout.group_ids(scope)
+    totals = layout.global_counts(torch.ones_like(layout.counted), groups, num_groups).tolist()  # per group
+    total = sum(totals)
+    report = PartitionReport("imp", kappa, iterations, scorer, scope, schedule, seed, len(batch_list),
+                             C.world_size(), total_entries=total)
+    current = layout.flat_masks()
+    no_group = torch.zeros_like(groups)
+    with _scoring_mode(model, train_mode):
+        for t, kappa_t in enumerate(kappa_schedule(kappa, iterations, schedule), start=1):
+            scores = score_entries(layout, scorer, model=model, batches=batch_list, loss_fn=loss_fn, seed=seed,
+                                   round_index=t)  # (n,)
+            k = torch.tensor([dynamic_count(kappa_t, n) for n in totals], device=layout.device)  # (G,)
+            chosen = select_top(scores, groups, layout.index_keys, layout.counted, k, layout.selection_reducer)
+            changed = int(layout.global_counts(chosen != current, no_group, 1)[0])
+            layout.set_flat_masks(chosen)
+            current = chosen
+            report.kappa_per_round.append(kappa_t)
+            report.dynamic_per_round.append(int(layout.global_counts(current, no_group, 1)[0]))
+            report.churn_per_round.append(changed / total)
+    verify_replicas(model, layout)
+    module_totals = layout.global_counts(torch.ones_like(current), layout.module_ids(), len(layout.modules))
+    module_dynamic = layout.global_counts(current, layout.module_ids(), len(layout.modules))
+    report.layer_ratios = {name: int(d) / int(n) for (name, _), d, n in
+                           zip(layout.modules, module_dynamic.tolist(), module_totals.tolist())}
+    report.time_s = time.perf_counter() - t0
+    return report
+
+
+def random_partition(model: nn.Module, *, kappa: float, scope: str = "global", seed: int = 0) -> PartitionReport:
+    """The random-partition baseline: seeded uniform scores, the same exact selection (so the same exact ratio)."""
+    report = iterative_mode_partition(model, None, None, kappa=kappa, iterations=1, scorer="random", scope=scope,
+                                      seed=seed)
+    report.method = "random"
+    return report
+
+
+def moe_p_partition(model: nn.Module, batches: Iterable, loss_fn: LossFn, **imp_kwargs) -> PartitionReport:
+    """MoE-P (paper Table 5): the IMP selection as SNIP pruning of the MoE, static part dropped (λs = 0)."""
+    report = iterative_mode_partition(model, batches, loss_fn, **imp_kwargs)
+    for _, module in MaskLayout(model).modules:
+        module.drop_static()
+    report.method = "moe_p"
+    return report
+
+
+def partition(model: nn.Module, batches: Optional[Iterable], loss_fn: Optional[LossFn], *, method: str = "imp",
+              **kwargs) -> PartitionReport:
+    """One switch for the paper's comparisons: method imp (T=1 is one-shot) | random | moe_p."""
+    if method == "imp":
+        return iterative_mode_partition(model, batches, loss_fn, **kwargs)
+    if method == "random":
+        return random_partition(model, kappa=kwargs["kappa"], scope=kwargs.get("scope", "global"),
+                                seed=kwargs.get("seed", 0))
+    if method == "moe_p":
+        return moe_p_partition(model, batches, loss_fn, **kwargs)
+    raise ValueError(f"method={method!r} is unknown; allowed: {', '.join(METHODS)}")
+
+
+def partition_from_config(model: nn.Module, batches: Optional[Iterable], loss_fn: Optional[LossFn],
+                          cfg) -> PartitionReport:
+    """``partition`` driven by a ``pad_moe.config.PartitionConfig`` (at most ``cfg.num_batches`` batches are used)."""
+    if batches is not None:
+        batches = list(itertools.islice(batches, cfg.num_batches))
+    return partition(model, batches, loss_fn, method=cfg.method, kappa=cfg.kappa, iterations=cfg.iterations,
+                     scorer=cfg.scorer, scope=cfg.scope, schedule=cfg.schedule, seed=cfg.seed)
+
+
+def verify_replicas(model: nn.Module, layout: Optional[MaskLayout] = None) -> None:
+    """Raise RuntimeError naming the layer if replicas of a mask differ across ranks (all ranks raise alike)."""
+    layout = layout or MaskLayout(model)
+    flat = layout.flat_masks().to(torch.int64)  # (n,)
+    prime = (1 << 31) - 1
+    weights = ((layout.index_keys % prime) * 48_271 + 11) % prime  # (n,) position-dependent, < 2^31
+    sharded = torch.cat([torch.full((s.numel,), s.sharded, device=layout.device) for s in layout.slots])
+    ids, m = layout.module_ids(), len(layout.modules)
+    replicated_hash = torch.zeros(m, dtype=torch.int64, device=layout.device).index_add_(
+        0, ids[~sharded], (flat * weights)[~sharded])
+    sharded_hash = torch.zeros(m, dtype=torch.int64, device=layout.device).index_add_(
+        0, ids[sharded], (flat * weights)[sharded])
+    agree = C.check_agreement(replicated_hash, C.world_reducer())
+    agree &= C.check_agreement(sharded_hash, C.expert_data_parallel_reducer(layout.expert_group))
+    bad = [layout.modules[i][0] for i in range(m) if not agree[i]]
+    if bad:
+        raise RuntimeError(f"partition masks differ between replicas of PAD module(s) {bad}: the ranks computed "
+                           "different partitions (different scores or models); re-run the partition on all ranks")
+
+
+def _validate(kappa, iterations, scorer, scope, schedule) -> None:
+    if not isinstance(kappa, (int, float)) or not 0 < kappa <= 1:
+        raise ValueError(f"kappa={kappa!r} must be in (0, 1]")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations={iterations!r} must be an integer >= 1")
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer={scorer!r} is unknown; allowed: {', '.join(SCORERS)}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is unknown; allowed: {', '.join(SCOPES)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+
+
+def _batch_list(batches, loss_fn, scorer: str, device: torch.device) -> list:
+    if scorer != "snip":
+        return list(batches) if batches is not None else []
+    if loss_fn is None:
+        raise ValueError("scorer='snip' needs loss_fn(model, batch) -> scalar loss")
+    batch_list = list(batches) if batches is not None else []
+    counts = C.world_reducer().max(torch.tensor([len(batch_list), -len(batch_list)], device=device))
+    if int(counts[0]) != -int(counts[1]):
+        raise ValueError(f"ranks hold different numbers of batches ({-int(counts[1])} to {int(counts[0])}); give "
+                         "every rank the same number (forward passes include collectives)")
+    if not batch_list:
+        raise ValueError("batches is empty: scorer='snip' needs at least one batch")
+    return batch_list
+
+
+@contextlib.contextmanager
+def _scoring_mode(model: nn.Module, train_mode: bool):
+    """Parameters frozen (gradients flow to the relaxed masks only) and train/eval set; both restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.train(train_mode)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode

@@ -1,0 +1,110 @@
+"""Save and load a partition: bool masks (safetensors, one file per rank) plus the JSON record, in one folder.
+
+Keys are ``<module name>::<mask name>``; per-expert masks carry their global expert id (``e3.fc1.weight``), so a folder
+written with one expert-parallel layout loads into another: each rank takes the masks it holds from whichever file has
+them. Loading checks names and shapes before changing anything and raises ValueError naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pad_moe.partition import collectives as C
+from pad_moe.partition.imp import PartitionReport
+from pad_moe.partition.layout import MaskLayout
+
+RECORD_FILE = "partition.json"
+MASK_FILES = "masks-rank*.safetensors"
+FORMAT_VERSION = 1
+_EXPERT_PREFIX = re.compile(r"e\d+\.")
+
+
+def save_partition(path: str, model: nn.Module, record: Union[PartitionReport, dict]) -> None:
+    """Write this rank's masks to ``path/masks-rank{r}.safetensors``; rank 0 also writes ``path/partition.json``."""
+    layout = MaskLayout(model)
+    os.makedirs(path, exist_ok=True)
+    rank = C.world_rank()
+    tensors = {}
+    for name, module in layout.modules:
+        for mask_name, mask in module.masks().items():
+            tensors[f"{name}::{mask_name}"] = mask.detach().to("cpu", torch.bool).contiguous()
+    _atomic(os.path.join(path, f"masks-rank{rank}.safetensors"), lambda tmp: save_file(tensors, tmp))
+    if rank == 0:
+        data = record.to_dict() if isinstance(record, PartitionReport) else dict(record)
+        data.setdefault("format_version", FORMAT_VERSION)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1)
+
+        _atomic(os.path.join(path, RECORD_FILE), write)
+
+
+def load_partition(path: str, model: nn.Module) -> dict:
+    """Set the masks of ``model`` from a folder written by ``save_partition``; return the record.
+
+    A record with method 'moe_p' also drops the static part again (λs = 0), which is not part of the model's state.
+    """
+    record_path = os.path.join(path, RECORD_FILE)
+    files = sorted(glob.glob(os.path.join(path, MASK_FILES)))
+    if not os.path.isfile(record_path) or not files:
+        raise ValueError(f"{path!r} holds no saved partition ({RECORD_FILE} and {MASK_FILES} expected)")
+    with open(record_path) as f:
+        record = json.load(f)
+    saved: dict[str, torch.Tensor] = {}
+    for file in files:
+        for key, mask in load_file(file).items():
+            if key in saved and not torch.equal(saved[key], mask):
+                raise ValueError(f"{path!r}: mask {key!r} differs between rank files")
+            saved[key] = mask
+    layout = MaskLayout(model)
+    _check_known(path, saved, layout)
+    new_masks = []
+    for name, module in layout.modules:
+        masks = {}
+        for mask_name, current in module.masks().items():
+            key = f"{name}::{mask_name}"
+            if key not in saved:
+                raise ValueError(f"{path!r} has no mask {key!r} (saved from a different model or layout?)")
+            if tuple(saved[key].shape) != tuple(current.shape):
+                raise ValueError(f"{path!r}: mask {key!r} has shape {tuple(saved[key].shape)}, the model's is "
+                                 f"{tuple(current.shape)}")
+            if saved[key].dtype != torch.bool:
+                raise ValueError(f"{path!r}: mask {key!r} is {saved[key].dtype}, expected torch.bool")
+            masks[mask_name] = saved[key]
+        new_masks.append(masks)
+    for (_, module), masks in zip(layout.modules, new_masks):
+        module.set_masks(masks)
+        if record.get("method") == "moe_p":
+            module.drop_static()
+    return record
+
+
+def _check_known(path: str, saved: dict[str, torch.Tensor], layout: MaskLayout) -> None:
+    """Every saved key must name a PAD module of the model and one of its mask names (any expert id)."""
+    bases = {name: {_EXPERT_PREFIX.sub("", n, count=1) if n in module.expert_parallel_masks() else n
+                    for n in module.masks()} for name, module in layout.modules}
+    sharded = {name: bool(module.expert_parallel_masks()) for name, module in layout.modules}
+    for key in saved:
+        module_name, _, mask_name = key.partition("::")
+        if module_name not in bases:
+            raise ValueError(f"{path!r}: saved mask {key!r} belongs to no PAD module of the model "
+                             f"(modules: {sorted(bases)})")
+        base = _EXPERT_PREFIX.sub("", mask_name, count=1) if sharded[module_name] else mask_name
+        if base not in bases[module_name]:
+            raise ValueError(f"{path!r}: saved mask {key!r} is not a mask of PAD module {module_name!r} "
+                             f"(its masks: {sorted(bases[module_name])})")
+
+
+def _atomic(path: str, write) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
