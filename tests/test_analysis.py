@@ -30,3 +30,25 @@ def test_identical_experts_have_zero_parameter_variance():
     layer = PadMoE.from_dense(fc1, fc2, num_experts=4, k=2, min_capacity=0, drop_tokens=False)
     props = dynamic_properties(layer, lambda: layer(torch.randn(3, 5, 6)))[""]
     assert abs(props["parameter_variance"]) < 1e-9 and props["output_variance"] > 0
+
+
+def test_live_counts_follow_the_paper_formula_for_shared_masks():
+    from pad_moe.accounting import count_live
+
+    H, F, E = 8, 16, 4
+    layer = PadMoE(H, F, num_experts=E, k=2)
+    ffn = H * F + F + F * H + H
+    gate = H * E
+    assert count_live(layer)["params_training"] == ffn * (E + 1) + gate + 1  # + φ
+    masks = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in layer.masks().items()}
+    masks["fc1.weight"][: F // 2] = True  # κ·|W1| entries dynamic
+    layer.set_masks(masks)
+    dyn = (F // 2) * H
+    want = (ffn - dyn) + E * dyn + gate + 1
+    assert count_live(layer)["params_compact"] == want
+    # expert-parallel share: the same layer seen from a rank holding half of the experts counts the same globally
+    half = PadMoE(H, F, num_experts=E, k=2, ep_size=2)  # DeepSpeed tags expert parameters allreduce=False
+    half.set_masks(masks)
+    assert count_live(half, ep_size=2)["params_compact"] == want
+    layer.drop_static()
+    assert count_live(layer)["params_compact"] == E * dyn + gate + 1

@@ -1,0 +1,46 @@
+"""Parameter counts of a live model, in training form and in compact (deploy) form.
+
+Training form counts every parameter, experts of all expert-parallel ranks included. Compact form is what a deployed
+PAD model stores: for each PAD weight, the static value where M=0 (once) and each expert's value where M=1; a MoE-P
+layer (static part dropped) keeps only the M=1 expert values. Compacted (neuron) layers already are in compact form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pad_moe.moe.layer import PadMoE
+
+
+def _is_expert(p: torch.Tensor) -> bool:
+    return getattr(p, "allreduce", True) is False
+
+
+def count_live(model: nn.Module, ep_size: int = 1) -> dict[str, int]:
+    """{"params_training", "params_compact"} of ``model`` whose expert parameters are this rank's share of ep_size.
+
+    Per-expert masks are counted from this rank's experts and scaled by ep_size (exact when every expert-parallel rank
+    has the same number of dynamic entries; the trainer all-reduces the exact figure when it matters).
+    """
+    training = sum(p.numel() * (ep_size if _is_expert(p) else 1) for p in model.parameters())
+    compact = training
+    for module in model.modules():
+        if not isinstance(module, PadMoE) or module.compacted:
+            continue
+        static = dict(module.static.named_parameters())
+        experts = module.local_experts
+        full_global = sum(p.numel() for p in static.values()) + ep_size * sum(
+            p.numel() for e in experts for p in e.parameters())
+        kept_static, kept_dynamic = 0, 0
+        holders = ([""] if module.mask_sharing == "layer"
+                   else [f"e{gid}." for gid in module.global_expert_ids])
+        per_holder = {h: module.weight_masks(h) for h in holders}
+        for name, w in static.items():
+            dyn = [per_holder[h][name].expand(w.shape) for h in holders]
+            any_static = ~torch.stack(dyn).all(0)
+            if not module.static_dropped:
+                kept_static += int(any_static.sum())
+            kept_dynamic += sum(int(d.sum()) for d in dyn) * (len(experts) if module.mask_sharing == "layer" else 1)
+        compact -= full_global - kept_static - kept_dynamic * ep_size
+    return {"params_training": int(training), "params_compact": int(compact)}
