@@ -124,9 +124,13 @@ class PartitionConfig:
     """Mini-batches scored per round (global batches, split across data-parallel ranks)."""
     seed: int = 0
     """Seed for random scorers / partitions."""
+    warmup_steps: int = 0
+    """Train this many steps fully dynamic (all masks 1) before partitioning. An exactly upcycled model has
+    W_k = W_s, so |∂L/∂M| = |∂L/∂Θ ⊙ (λd·W_k − λs·W_s)| is zero everywhere until the experts have diverged."""
 
     def __post_init__(self):
         o = "partition"
+        _at_least(o, "warmup_steps", self.warmup_steps, 0)
         _choice(o, "method", self.method, PARTITION_METHODS)
         if not 0 < self.kappa <= 1:
             raise ValueError(f"partition.kappa={self.kappa} must be in (0, 1]")
@@ -146,13 +150,13 @@ class ModelConfig:
     arch: str = "toy"
     """toy (pad_moe's small encoder) | hf (a Hugging Face encoder, upcycled)."""
     path: Optional[str] = None
-    """hf: local directory or package model to load (``minilm`` = the offline all-MiniLM-L6-v2)."""
+    """hf: a local Hugging Face model directory, or ``minilm`` (all-MiniLM-L6-v2 from the offline pip package)."""
     hidden_size: int = 32
     """Model width H."""
     ffn_size: int = 64
     """FFN width F."""
     num_layers: int = 2
-    """Encoder layers (hf: keep the first N layers when set below the checkpoint's)."""
+    """Encoder layers (hf: load the first N layers of the checkpoint)."""
     num_heads: int = 2
     """Attention heads."""
     vocab_size: int = 64
@@ -179,9 +183,20 @@ class DataConfig:
     """Where examples come from."""
 
     task: str = "synthetic"
-    """synthetic (a learnable toy sequence task)."""
+    """synthetic (toy model) | a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte) | vader-movies |
+    vader-movies-reg (real movie-review sentences, offline): ``python -m pad_moe.data`` lists them."""
     num_labels: int = 2
-    """Classes (1: regression)."""
+    """Classes of the synthetic task (1: regression); real tasks define their own."""
+    data_files: Optional[dict] = None
+    """Local files per split ({train: path, validation: path}; csv, tsv, json(l), parquet) instead of the hub."""
+    max_length: int = 128
+    """Tokens per example; every batch is padded to it (equal shapes on all ranks for the all-to-all)."""
+    max_train: Optional[int] = None
+    """Deterministic subset of the training split (quick runs)."""
+    max_eval: Optional[int] = None
+    """Deterministic subset of each evaluation split."""
+    cache_dir: Optional[str] = None
+    """pad_moe's cache for fetched corpora (default ~/.cache/pad_moe, or $PAD_MOE_CACHE)."""
     train_size: int = 2048
     """Synthetic training examples."""
     eval_size: int = 256
@@ -190,8 +205,17 @@ class DataConfig:
     """Seed of the synthetic data and of the shuffling order."""
 
     def __post_init__(self):
-        _choice("data", "task", self.task, ("synthetic",))
+        if self.task != "synthetic":
+            from pad_moe.data.tasks import task_names
+
+            _choice("data", "task", self.task, ("synthetic",) + tuple(task_names()))
         _at_least("data", "num_labels", self.num_labels, 1)
+        _at_least("data", "max_length", self.max_length, 1)
+        for name in ("max_train", "max_eval"):
+            if getattr(self, name) is not None:
+                _at_least("data", name, getattr(self, name), 1)
+        if self.data_files is not None and not isinstance(self.data_files, dict):
+            raise ValueError(f"data.data_files={self.data_files!r} must map split names to file paths")
         _at_least("data", "train_size", self.train_size, 1)
         _at_least("data", "eval_size", self.eval_size, 1)
 
@@ -263,6 +287,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        if self.moe.compact and self.partition.warmup_steps:
+            raise ValueError(f"moe.compact=true needs the partition before training (partition.warmup_steps=0, got "
+                             f"{self.partition.warmup_steps}): a compacted layer changes shape, the engine cannot")
         if not self.name or os.sep in self.name:
             raise ValueError(f"name={self.name!r} must be a non-empty name without '{os.sep}'")
 

@@ -60,4 +60,58 @@ def build_job(cfg: RunConfig, ep_rank: int) -> Job:
         return Job(model=model, train_set=synthetic_dataset(cfg.model, cfg.data, "train"),
                    eval_sets={"eval": synthetic_dataset(cfg.model, cfg.data, "eval")}, collate=_toy_collate,
                    forward=_toy_forward, num_labels=cfg.data.num_labels, metrics=_accuracy, main_metric="accuracy")
-    raise ValueError(f"model.arch={cfg.model.arch!r} has no training job; allowed: toy")
+    if cfg.model.arch == "hf":
+        return _hf_job(cfg, ep_rank)
+    raise ValueError(f"model.arch={cfg.model.arch!r} has no training job; allowed: toy, hf")
+
+
+def _fixed_length_collate(collate, max_length: int, pad_id: int):
+    """Pad every batch to max_length: all ranks then route the same number of tokens (DeepSpeed sizes expert
+    capacity from the local token count, and the all-to-all needs equal shapes)."""
+
+    def fn(items):
+        batch = collate(items)
+        for key, value in batch.items():
+            if key != "labels" and value.shape[1] < max_length:
+                fill = pad_id if key == "input_ids" else 0
+                batch[key] = F.pad(value, (0, max_length - value.shape[1]), value=fill)
+        return batch
+
+    return fn
+
+
+def _hf_job(cfg: RunConfig, ep_rank: int) -> Job:
+    """A Hugging Face encoder from a local directory, upcycled per cfg.moe, on a GLUE / VADER task."""
+    import os
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pad_moe.data import compute_metrics, load_task, main_metric
+    from pad_moe.models import aux_loss, minilm_dir, upcycle_from_config
+
+    path = minilm_dir() if cfg.model.path in (None, "minilm") else cfg.model.path
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model.path={cfg.model.path!r} is not a Hugging Face model directory (no config.json); "
+                         "pass a local directory or 'minilm'")
+    if cfg.data.task == "synthetic":
+        raise ValueError("data.task=synthetic needs model.arch=toy; pick a GLUE or VADER task for an hf model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    d = cfg.data
+    train_set, eval_sets, info = load_task(d.task, tokenizer, max_length=d.max_length, data_files=d.data_files,
+                                           cache_dir=d.cache_dir, max_train=d.max_train, max_eval=d.max_eval)
+    torch.manual_seed(cfg.train.seed)  # the classifier head: identical on every rank
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=info.num_labels, num_hidden_layers=cfg.model.num_layers,
+        problem_type="regression" if info.num_labels == 1 else "single_label_classification")
+    upcycle_from_config(model, cfg.moe, ep_rank=ep_rank)
+    inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids")]
+
+    def forward(m, batch):
+        out = m(**{k: batch[k] for k in inputs if k in batch})
+        return out.logits, aux_loss(m)
+
+    return Job(model=model, train_set=train_set, eval_sets=eval_sets,
+               collate=_fixed_length_collate(train_set.collate, d.max_length, tokenizer.pad_token_id),
+               forward=forward, num_labels=info.num_labels,
+               metrics=lambda p, y: compute_metrics(info, p.numpy(), y.numpy()), main_metric=main_metric(info),
+               extras={"tokenizer": tokenizer, "task": info})

@@ -104,19 +104,30 @@ def expert_loads(model) -> list[torch.Tensor]:
             if isinstance(m, MoE) and getattr(m.deepspeed_moe, "exp_counts", None) is not None]
 
 
-def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, rank: int, world: int) -> dict:
-    """IMP (or a baseline) on the raw module before the engine exists; returns the partition record."""
+def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, engine=None) -> dict:
+    """IMP (or a baseline) on this rank's share of the first partition.num_batches global batches; returns the record.
+
+    Without an engine (partition before training) the expert-parallel groups are attached for the duration, so that
+    deepspeed.initialize can attach them itself afterwards. With an engine (after partition.warmup_steps of fully
+    dynamic training) the engine's module is scored as it is.
+    """
     from pad_moe.partition import partition_from_config
 
-    model = job.model
-    D.attach_expert_groups(model)
-    try:
-        loss_fn = lambda m, b: _loss(job, m, _to_device(b, D.device()), cfg.moe.aux_loss_coef)[0]  # noqa: E731
-        part_batches = [batches.batch(g) for g in range(cfg.partition.num_batches)]
+    model = job.model if engine is None else engine.module
+    device = D.device() if engine is None else engine.device
+    loss_fn = lambda m, b: _loss(job, m, _to_device(b, device), cfg.moe.aux_loss_coef)[0]  # noqa: E731
+    part_batches = [batches.batch(g) for g in range(cfg.partition.num_batches)]
+    if engine is not None:
         report = partition_from_config(model, part_batches, loss_fn, cfg.partition)
-    finally:
-        D.detach_expert_groups(model)
-    return report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    else:
+        D.attach_expert_groups(model)
+        try:
+            report = partition_from_config(model, part_batches, loss_fn, cfg.partition)
+        finally:
+            D.detach_expert_groups(model)
+    record = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+    record["warmup_steps"] = cfg.partition.warmup_steps
+    return record
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
@@ -136,8 +147,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     is_pad = any(True for _ in pad_modules(job.model))
     if is_pad and resume and state.has_run_partition(cfg.run_dir):
         record = state.load_run_partition(cfg.run_dir, job.model)
-    elif is_pad and cfg.partition.enabled and not resume:
-        record = run_partition(job, cfg, batches, rank, world)
+    elif is_pad and cfg.partition.enabled and not resume and cfg.partition.warmup_steps == 0:
+        record = run_partition(job, cfg, batches)
         state.save_run_partition(cfg.run_dir, job.model, record, rank)
     if cfg.moe.compact:
         for _, module in pad_modules(job.model):
@@ -157,6 +168,12 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     window = {"loss": 0.0, "task": 0.0, "aux": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
     loads: list[torch.Tensor] = []
     for step in range(start_step, total_steps):
+        if is_pad and cfg.partition.enabled and record is None and step == cfg.partition.warmup_steps:
+            record = run_partition(job, cfg, batches, engine)
+            state.save_run_partition(cfg.run_dir, job.model, record, rank)
+            if monitor is not None:
+                monitor.write_events([(f"partition/churn/round{i}", c, step)
+                                      for i, c in enumerate(record.get("churn_per_round", []))])
         for _ in range(accum):
             batch = _to_device(next(stream), engine.device)
             loss, task, aux = _loss(job, engine, batch, cfg.moe.aux_loss_coef)
