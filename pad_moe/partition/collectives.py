@@ -26,6 +26,11 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
 @dataclass(frozen=True)
 class Reducer:
     """Sums (or maxes) tensors over one process group; ``group=None`` with ``active=False`` is the identity."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pad_moe.partition import collectives as C
-from pad_moe.partition.layout import MaskLayout
+from pad_moe.partition.layout import MaskLayout, unwrap
 from pad_moe.partition.scoring import SCORERS, score_entries
 from pad_moe.partition.selection import select_top
 
@@ -84,37 +84,39 @@ def iterative_mode_partition(model: nn.Module, batches: Optional[Iterable], loss
     """Partition every PAD module of ``model`` (an nn.Module or a DeepSpeed engine) in place; return the report.
 
     ``loss_fn(model, batch)`` returns a scalar loss; each rank passes its own batches (its data shard), every rank the
-    same number. Scoring runs in eval mode unless ``train_mode``; parameters' requires_grad and every module's
-    train/eval mode are restored afterwards. Gradients are taken w.r.t. the relaxed masks only (no .grad is touched).
+    same number. With an engine, loss_fn receives ``engine.module``: the engine's forward installs backward hooks that
+    only ``engine.backward`` satisfies, and IMP must not step the engine. Scoring runs in eval mode unless
+    ``train_mode``; parameters' requires_grad and every module's train/eval mode are restored afterwards. Gradients
+    are taken w.r.t. the relaxed masks only (no parameter's .grad is touched).
     """
     _validate(kappa, iterations, scorer, scope, schedule)
     t0 = time.perf_counter()
     layout = MaskLayout(model)
     batch_list = _batch_list(batches, loss_fn, scorer, layout.device)
-    groups, num_groups = layout.group_ids(scope)
-    totals = layout.global_counts(torch.ones_like(layout.counted), groups, num_groups).tolist()  # per group
+    groups = layout.group_ids(scope)  # None (global) or (n,) module index
+    totals = layout.totals(scope)  # entries per selection group, over all ranks
     total = sum(totals)
     report = PartitionReport("imp", kappa, iterations, scorer, scope, schedule, seed, len(batch_list),
                              C.world_size(), total_entries=total)
-    current = layout.flat_masks()
-    no_group = torch.zeros_like(groups)
+    current = layout.flat_masks()  # (n,) bool
     with _scoring_mode(model, train_mode):
         for t, kappa_t in enumerate(kappa_schedule(kappa, iterations, schedule), start=1):
-            scores = score_entries(layout, scorer, model=model, batches=batch_list, loss_fn=loss_fn, seed=seed,
-                                   round_index=t)  # (n,)
+            scores = score_entries(layout, scorer, model=unwrap(model), batches=batch_list, loss_fn=loss_fn, seed=seed,
+                                   round_index=t)  # (n,) float32
             k = torch.tensor([dynamic_count(kappa_t, n) for n in totals], device=layout.device)  # (G,)
-            chosen = select_top(scores, groups, layout.index_keys, layout.counted, k, layout.selection_reducer)
-            changed = int(layout.global_counts(chosen != current, no_group, 1)[0])
+            chosen = select_top(scores, k, layout.index_keys_of, groups=groups, counted=layout.counted,
+                                count_reducer=layout.selection_reducer)
+            del scores
+            report.churn_per_round.append(layout.count(chosen != current) / total)
             layout.set_flat_masks(chosen)
             current = chosen
             report.kappa_per_round.append(kappa_t)
-            report.dynamic_per_round.append(int(layout.global_counts(current, no_group, 1)[0]))
-            report.churn_per_round.append(changed / total)
+            report.dynamic_per_round.append(layout.count(current))
     verify_replicas(model, layout)
-    module_totals = layout.global_counts(torch.ones_like(current), layout.module_ids(), len(layout.modules))
-    module_dynamic = layout.global_counts(current, layout.module_ids(), len(layout.modules))
-    report.layer_ratios = {name: int(d) / int(n) for (name, _), d, n in
-                           zip(layout.modules, module_dynamic.tolist(), module_totals.tolist())}
+    module_dynamic = layout.count_per_module(current).tolist()
+    module_totals = layout.count_per_module(torch.ones_like(current)).tolist()
+    report.layer_ratios = {name: d / n for (name, _), d, n in
+                           zip(layout.modules, module_dynamic, module_totals, strict=True)}
     report.time_s = time.perf_counter() - t0
     return report
 
@@ -161,18 +163,17 @@ def partition_from_config(model: nn.Module, batches: Optional[Iterable], loss_fn
 def verify_replicas(model: nn.Module, layout: Optional[MaskLayout] = None) -> None:
     """Raise RuntimeError naming the layer if replicas of a mask differ across ranks (all ranks raise alike)."""
     layout = layout or MaskLayout(model)
-    flat = layout.flat_masks().to(torch.int64)  # (n,)
+    masks = [m.masks() for _, m in layout.modules]
     prime = (1 << 31) - 1
-    weights = ((layout.index_keys % prime) * 48_271 + 11) % prime  # (n,) position-dependent, < 2^31
-    sharded = torch.cat([torch.full((s.numel,), s.sharded, device=layout.device) for s in layout.slots])
-    ids, m = layout.module_ids(), len(layout.modules)
-    replicated_hash = torch.zeros(m, dtype=torch.int64, device=layout.device).index_add_(
-        0, ids[~sharded], (flat * weights)[~sharded])
-    sharded_hash = torch.zeros(m, dtype=torch.int64, device=layout.device).index_add_(
-        0, ids[sharded], (flat * weights)[sharded])
-    agree = C.check_agreement(replicated_hash, C.world_reducer())
-    agree &= C.check_agreement(sharded_hash, C.expert_data_parallel_reducer(layout.expert_group))
-    bad = [layout.modules[i][0] for i in range(m) if not agree[i]]
+    hashes = torch.zeros(2, len(layout.modules), dtype=torch.int64, device=layout.device)  # (replicated|sharded, M)
+    for s in layout.slots:
+        keys = layout.index_keys_of(torch.arange(s.offset, s.offset + s.numel, device=layout.device))
+        weights = ((keys % prime) * 48_271 + 11) % prime  # position-dependent, < 2^31
+        flat = masks[s.module_index][s.mask_name].reshape(-1).to(device=layout.device, dtype=torch.int64)
+        hashes[int(s.sharded), s.module_index] += (flat * weights).sum()
+    agree = C.check_agreement(hashes[0], C.world_reducer())
+    agree &= C.check_agreement(hashes[1], C.expert_data_parallel_reducer(layout.expert_group))
+    bad = [layout.modules[i][0] for i in range(len(layout.modules)) if not agree[i]]
     if bad:
         raise RuntimeError(f"partition masks differ between replicas of PAD module(s) {bad}: the ranks computed "
                            "different partitions (different scores or models); re-run the partition on all ranks")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -76,12 +77,15 @@ class MaskLayout:
         dev = self.device
         self.counted = torch.cat([torch.full((s.numel,), s.sharded or owner or not self.selection_reducer.active,
                                              device=dev) for s in self.slots])  # (n,) entries counted by this rank
-        self.index_keys = torch.cat([(s.module_index << 48) + (s.ordinal << 32) + torch.arange(s.numel, device=dev)
-                                     for s in self.slots])  # (n,) int64
+        self.sharded = torch.cat([torch.full((s.numel,), s.sharded, device=dev) for s in self.slots])  # (n,)
+        self._starts = torch.tensor([s.offset for s in self.slots], device=dev)  # (S,)
+        self._base_keys = torch.tensor([(s.module_index << 48) + (s.ordinal << 32) for s in self.slots], device=dev)
 
     # -- per-entry vectors ----------------------------------------------------------------------------------------
-    def module_ids(self) -> torch.Tensor:
-        return torch.cat([torch.full((s.numel,), s.module_index, device=self.device) for s in self.slots])  # (n,)
+    def index_keys_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Global index keys (int64) of local flat positions (m,), computed on demand (only ties need them)."""
+        slot = torch.searchsorted(self._starts, positions, right=True) - 1
+        return self._base_keys[slot] + positions - self._starts[slot]
 
     def flat_masks(self) -> torch.Tensor:
         masks = [m.masks() for _, m in self.modules]
@@ -95,20 +99,37 @@ class MaskLayout:
         return out
 
     def set_flat_masks(self, flat: torch.Tensor) -> None:
-        for (_, module), masks in zip(self.modules, self.split(flat.to(torch.bool))):
+        for (_, module), masks in zip(self.modules, self.split(flat.to(torch.bool)), strict=True):
             module.set_masks(masks)
 
-    # -- global totals ----------------------------------------------------------------------------------------------
-    def global_counts(self, flat: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-        """Per group, the number of entries over all ranks (each once) where ``flat`` is True: (G,) int64."""
-        local = torch.bincount(groups[self.counted & flat.to(torch.bool)], minlength=num_groups)
-        return self.selection_reducer.sum(local.to(torch.int64))
-
-    def group_ids(self, scope: str) -> tuple[torch.Tensor, int]:
-        """Selection groups: one for scope 'global', one per PAD module for 'layer'."""
+    def group_ids(self, scope: str) -> Optional[torch.Tensor]:
+        """Selection group of each entry: None for scope 'global' (one group), the module index (int32) for 'layer'."""
         if scope == "global":
-            return torch.zeros(self.numel, dtype=torch.int64, device=self.device), 1
-        return self.module_ids(), len(self.modules)
+            return None
+        return torch.cat([torch.full((s.numel,), s.module_index, dtype=torch.int32, device=self.device)
+                          for s in self.slots])  # (n,)
+
+    # -- global totals ----------------------------------------------------------------------------------------------
+    def local_per_module(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per module, this rank's count of True entries of ``flat`` (n,), counted entries only: (M,) int64."""
+        out = torch.zeros(len(self.modules), dtype=torch.int64, device=self.device)
+        for s in self.slots:
+            part = slice(s.offset, s.offset + s.numel)
+            out[s.module_index] += (flat[part].to(torch.bool) & self.counted[part]).sum()
+        return out
+
+    def count_per_module(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per module, True entries of ``flat`` over all ranks, each entry once: (M,) int64."""
+        return self.selection_reducer.sum(self.local_per_module(flat))
+
+    def count(self, flat: torch.Tensor) -> int:
+        """True entries of ``flat`` over all ranks, each entry once."""
+        return int(self.count_per_module(flat).sum())
+
+    def totals(self, scope: str) -> list[int]:
+        """Entries per selection group over all ranks."""
+        per_module = self.count_per_module(torch.ones_like(self.counted)).tolist()
+        return [sum(per_module)] if scope == "global" else per_module
 
 
 def _ordinals(module_name: str, names: list[str], sharded: set[str]) -> dict[str, int]:

@@ -21,17 +21,19 @@ from pad_moe.partition import collectives as C
 from pad_moe.partition.imp import PartitionReport
 from pad_moe.partition.layout import MaskLayout
 
-RECORD_FILE = "partition.json"
+RECORD_FILE = "record.json"
 MASK_FILES = "masks-rank*.safetensors"
 FORMAT_VERSION = 1
 _EXPERT_PREFIX = re.compile(r"e\d+\.")
 
 
 def save_partition(path: str, model: nn.Module, record: Union[PartitionReport, dict]) -> None:
-    """Write this rank's masks to ``path/masks-rank{r}.safetensors``; rank 0 also writes ``path/partition.json``."""
+    """Write this rank's masks to ``path/masks-rank{r}.safetensors``; rank 0 also writes ``path/record.json``
+    (with the world size, so that rank files of an earlier, larger run are ignored and removed). Call on every rank.
+    """
     layout = MaskLayout(model)
     os.makedirs(path, exist_ok=True)
-    rank = C.world_rank()
+    rank, world = C.world_rank(), C.world_size()
     tensors = {}
     for name, module in layout.modules:
         for mask_name, mask in module.masks().items():
@@ -39,13 +41,17 @@ def save_partition(path: str, model: nn.Module, record: Union[PartitionReport, d
     _atomic(os.path.join(path, f"masks-rank{rank}.safetensors"), lambda tmp: save_file(tensors, tmp))
     if rank == 0:
         data = record.to_dict() if isinstance(record, PartitionReport) else dict(record)
-        data.setdefault("format_version", FORMAT_VERSION)
+        data.update(format_version=FORMAT_VERSION, saved_world_size=world)
+        for file_rank, file in _rank_files(path):
+            if file_rank >= world:
+                os.remove(file)
 
         def write(tmp):
             with open(tmp, "w") as f:
                 json.dump(data, f, indent=1)
 
         _atomic(os.path.join(path, RECORD_FILE), write)
+    C.barrier()
 
 
 def load_partition(path: str, model: nn.Module) -> dict:
@@ -54,11 +60,15 @@ def load_partition(path: str, model: nn.Module) -> dict:
     A record with method 'moe_p' also drops the static part again (λs = 0), which is not part of the model's state.
     """
     record_path = os.path.join(path, RECORD_FILE)
-    files = sorted(glob.glob(os.path.join(path, MASK_FILES)))
-    if not os.path.isfile(record_path) or not files:
+    if not os.path.isfile(record_path):
         raise ValueError(f"{path!r} holds no saved partition ({RECORD_FILE} and {MASK_FILES} expected)")
     with open(record_path) as f:
         record = json.load(f)
+    saved_world = int(record.get("saved_world_size", 1))
+    files = [os.path.join(path, f"masks-rank{r}.safetensors") for r in range(saved_world)]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"{path!r} lacks {[os.path.basename(f) for f in missing]} (saved by {saved_world} ranks)")
     saved: dict[str, torch.Tensor] = {}
     for file in files:
         for key, mask in load_file(file).items():
@@ -81,7 +91,7 @@ def load_partition(path: str, model: nn.Module) -> dict:
                 raise ValueError(f"{path!r}: mask {key!r} is {saved[key].dtype}, expected torch.bool")
             masks[mask_name] = saved[key]
         new_masks.append(masks)
-    for (_, module), masks in zip(layout.modules, new_masks):
+    for (_, module), masks in zip(layout.modules, new_masks, strict=True):
         module.set_masks(masks)
         if record.get("method") == "moe_p":
             module.drop_static()
@@ -102,6 +112,16 @@ def _check_known(path: str, saved: dict[str, torch.Tensor], layout: MaskLayout) 
         if base not in bases[module_name]:
             raise ValueError(f"{path!r}: saved mask {key!r} is not a mask of PAD module {module_name!r} "
                              f"(its masks: {sorted(bases[module_name])})")
+
+
+def _rank_files(path: str) -> list[tuple[int, str]]:
+    """(rank, path) of every rank file in the folder."""
+    found = []
+    for file in glob.glob(os.path.join(path, MASK_FILES)):
+        match = re.fullmatch(r"masks-rank(\d+)\.safetensors", os.path.basename(file))
+        if match:
+            found.append((int(match.group(1)), file))
+    return sorted(found)
 
 
 def _atomic(path: str, write) -> None:

@@ -36,9 +36,9 @@ def _snip(layout: MaskLayout, model, batches: Sequence, loss_fn) -> torch.Tensor
     relaxed = [{n: m.detach().to(torch.float32).requires_grad_(True) for n, m in module.masks().items()}
                for _, module in layout.modules]
     inputs = [relaxed[s.module_index][s.mask_name] for s in layout.slots]
-    grad_sum = torch.zeros(layout.numel, dtype=torch.float64, device=layout.device)  # (n,)
+    grad_sum = torch.zeros(layout.numel, dtype=torch.float32, device=layout.device)  # (n,)
     missing = torch.zeros(len(layout.modules), dtype=torch.int64, device=layout.device)  # (M,) 1: a None gradient
-    for (_, module), masks in zip(layout.modules, relaxed):
+    for (_, module), masks in zip(layout.modules, relaxed, strict=True):
         module.set_relaxed_masks(masks)
     try:
         for batch_index, batch in enumerate(batches):
@@ -50,27 +50,27 @@ def _snip(layout: MaskLayout, model, batches: Sequence, loss_fn) -> torch.Tensor
             grads = [None] * len(inputs)
             if loss.requires_grad:
                 grads = torch.autograd.grad(loss.reshape(()), inputs, allow_unused=True)
-            for slot, grad in zip(layout.slots, grads):
+            for slot, grad in zip(layout.slots, grads, strict=True):
                 if grad is None:
                     missing[slot.module_index] = 1
                 else:
-                    grad_sum[slot.offset:slot.offset + slot.numel] += grad.reshape(-1).to(torch.float64)
+                    grad_sum[slot.offset:slot.offset + slot.numel] += grad.reshape(-1)
     finally:
         for _, module in layout.modules:
             module.set_relaxed_masks(None)
-    sharded = _sharded_entries(layout)
+    sharded = layout.sharded
     grad_sum[~sharded] = C.world_reducer().sum(grad_sum[~sharded])
     grad_sum[sharded] = C.expert_data_parallel_reducer(layout.expert_group).sum(grad_sum[sharded])
-    scores = grad_sum.abs().to(torch.float32)
+    scores = grad_sum.abs_()
     _check_signal(layout, scores, missing, "snip")
     return scores
 
 
 def _magnitude(layout: MaskLayout) -> torch.Tensor:
-    scores = torch.zeros(layout.numel, dtype=torch.float64, device=layout.device)  # (n,)
+    scores = torch.zeros(layout.numel, dtype=torch.float32, device=layout.device)  # (n,)
     per_module = [module.magnitude_scores() for _, module in layout.modules]
     for s in layout.slots:
-        scores[s.offset:s.offset + s.numel] = per_module[s.module_index][s.mask_name].reshape(-1).to(torch.float64)
+        scores[s.offset:s.offset + s.numel] = per_module[s.module_index][s.mask_name].reshape(-1)
     # A layer-shared mask's magnitude sums over this rank's experts only: add the other expert-parallel ranks'.
     by_group: dict[str, torch.Tensor] = {}
     for s in layout.slots:
@@ -81,7 +81,6 @@ def _magnitude(layout: MaskLayout) -> torch.Tensor:
     for group in sorted(by_group):
         sel = by_group[group]
         scores[sel] = C.expert_parallel_reducer(group).sum(scores[sel])
-    scores = scores.to(torch.float32)
     _check_signal(layout, scores, torch.zeros(len(layout.modules), dtype=torch.int64, device=layout.device),
                   "magnitude")
     return scores
@@ -96,15 +95,11 @@ def _random(layout: MaskLayout, seed: int, round_index: int) -> torch.Tensor:
     return torch.cat(parts).to(layout.device)
 
 
-def _sharded_entries(layout: MaskLayout) -> torch.Tensor:
-    return torch.cat([torch.full((s.numel,), s.sharded, device=layout.device) for s in layout.slots])  # (n,)
-
-
 def _check_signal(layout: MaskLayout, scores: torch.Tensor, missing: torch.Tensor, scorer: str) -> None:
     """Raise (on every rank alike) if a module's masks got no gradient, or only zero scores over all ranks."""
-    module_ids = layout.module_ids()
-    positive = torch.zeros(len(layout.modules), dtype=torch.int64, device=layout.device)
-    has_signal = positive.index_add_(0, module_ids, (scores > 0).to(torch.int64)).clamp(max=1)  # (M,)
+    has_signal = torch.zeros(len(layout.modules), dtype=torch.int64, device=layout.device)  # (M,)
+    for s in layout.slots:
+        has_signal[s.module_index] |= bool((scores[s.offset:s.offset + s.numel] > 0).any())
     flags = C.world_reducer().max(torch.cat([missing, has_signal]))  # (2M,)
     names = [name for name, _ in layout.modules]
     m = len(names)

@@ -1,21 +1,22 @@
 """Exact k-th largest selection over values sharded across ranks, by radix refinement of order-preserving integer keys.
 
-Each pass histograms one digit of the keys still in play (per group), the counts are summed across ranks by a
-``count_reducer`` (an all-reduce; the identity in one process), and every rank picks the same digit. Nothing but counts
-leaves a rank: memory is O(local values + bins), and the result is exact, ties and signed zeros included.
-Pure tensor code: no ``torch.distributed`` here (the reducer is passed in).
+Each pass histograms one digit of the keys still in play (per group), a ``count_reducer`` sums the counts across ranks
+(an all-reduce; the identity in one process), and every rank picks the same digit. Nothing but counts leaves a rank.
+Memory: the float32 scores plus an int32 key, a digit and two bool flags per local entry, and the bins (at most
+``MAX_BINS`` int64). Exact with ties, signed zeros and infinities. Pure tensor code: no ``torch.distributed`` here.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
-FLOAT_KEY_BITS = 32
-INDEX_KEY_BITS = 63
+FLOAT_KEY_BITS = 32  # float32 scores -> signed int32 keys
+INDEX_KEY_BITS = 63  # global entry indices -> non-negative int64 keys
+INDEX_MAX = (1 << INDEX_KEY_BITS) - 1
 MAX_BINS = 1 << 20  # per pass, over all groups: bounds the all-reduced tensor to 8 MiB
 
 
@@ -24,53 +25,53 @@ def identity_reducer(counts: torch.Tensor) -> torch.Tensor:
 
 
 def float_order_keys(values: torch.Tensor) -> torch.Tensor:
-    """float32 values (n,) -> int64 keys (n,) in [0, 2^32) with the same order; -0.0 and +0.0 get one key."""
+    """float values (n,) -> int32 keys (n,) ordered like the values; -0.0 and +0.0 get the same key."""
     v = values.detach().to(torch.float32).reshape(-1)
     if torch.isnan(v).any():
         raise ValueError("scores contain NaN; the loss or the model produced non-finite gradients")
-    v = torch.where(v == 0, torch.zeros_like(v), v)  # canonical +0.0
-    bits = v.view(torch.int32).to(torch.int64)  # sign-extended
-    return torch.where(bits >= 0, bits + (1 << 31), (1 << 31) - 1 - (bits & 0x7FFFFFFF))
+    bits = torch.where(v == 0, torch.zeros_like(v), v).view(torch.int32)  # canonical +0.0
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip magnitude bits so larger |v| sorts lower
 
 
 def float_from_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``float_order_keys`` (zeros come back as +0.0)."""
-    keys = keys.to(torch.int64)
-    bits = torch.where(keys >= (1 << 31), keys - (1 << 31), ((1 << 31) - 1 - keys) - (1 << 31))
-    return bits.to(torch.int32).view(torch.float32)
+    """Inverse of ``float_order_keys`` (the map is its own inverse on the bits)."""
+    keys = keys.to(torch.int32)
+    return (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 class Selection(NamedTuple):
     """Per group: the k-th largest key, how many entries equal to it are needed to reach k, and how many there are."""
 
-    key: torch.Tensor  # (G,) int64
+    key: torch.Tensor  # (G,) int64, in the keys' own representation (signed for float keys)
     needed_ties: torch.Tensor  # (G,) int64, in [1, equal_count] for groups with k >= 1
     equal_count: torch.Tensor  # (G,) int64
 
 
-def kth_largest_keys(keys: torch.Tensor, groups: torch.Tensor, k: torch.Tensor, *, key_bits: int,
-                     count_reducer: CountReducer = identity_reducer, digit_bits: int = 16) -> Selection:
-    """Exact k-th largest key of every group over the union of all ranks' entries.
+def kth_largest_keys(keys: torch.Tensor, k: torch.Tensor, *, key_bits: int, groups: Optional[torch.Tensor] = None,
+                     candidates: Optional[torch.Tensor] = None, count_reducer: CountReducer = identity_reducer,
+                     digit_bits: int = 16) -> Selection:
+    """Exact k-th largest key of every group over the union of all ranks' candidate entries.
 
-    keys (n,) int64 in [0, 2^key_bits); groups (n,) int64 in [0, G); k (G,) int64, 1-based, at most the group's global
-    size (groups with k < 1 give meaningless results: callers treat them as 'nothing selected'). Every rank must call
-    this with the same k and G; ``count_reducer`` sums an int64 counts tensor over the ranks that share the selection.
+    keys (n,): int32 float-order keys (key_bits=32) or int64 in [0, 2^key_bits); groups (n,) ints in [0, G) or None
+    (one group); candidates (n,) bool or None (all); k (G,) 1-based, at most the group's global size (a group with
+    k < 1 gives a meaningless result: callers select nothing there). Every rank calls this with the same k.
     """
     num_groups = int(k.numel())
-    keys, groups = keys.reshape(-1).to(torch.int64), groups.reshape(-1).to(torch.int64)
-    digit_bits = max(1, min(digit_bits, int(math.log2(MAX_BINS // max(num_groups, 1)))))
     dev = keys.device
-    prefix = torch.zeros(num_groups, dtype=torch.int64, device=dev)
+    digit_bits = max(1, min(digit_bits, int(math.log2(MAX_BINS // max(num_groups, 1)))))
+    prefix = torch.zeros(num_groups, dtype=torch.int64, device=dev)  # unsigned digits chosen so far
     remaining = k.to(device=dev, dtype=torch.int64).clamp(min=1)
-    in_play = torch.ones_like(keys, dtype=torch.bool)  # entries whose higher digits match the prefix so far
+    in_play = torch.ones_like(keys, dtype=torch.bool) if candidates is None else candidates.clone()  # (n,)
     equal_count = torch.zeros(num_groups, dtype=torch.int64, device=dev)
     shift = key_bits
     while shift > 0:
         width = min(digit_bits, shift)
         shift -= width
         bins = 1 << width
-        digit = (keys >> shift) & (bins - 1)  # (n,)
-        slot = groups[in_play] * bins + digit[in_play]
+        digit = _digit(keys, shift, width, key_bits)  # (n,)
+        slot = digit[in_play].to(torch.int64)
+        if groups is not None:
+            slot += groups[in_play].to(torch.int64) * bins
         counts = torch.bincount(slot, minlength=num_groups * bins).to(torch.int64)
         counts = count_reducer(counts).reshape(num_groups, bins)  # (G, bins) over all ranks
         at_or_above = counts.flip(1).cumsum(1).flip(1)  # (G, bins): entries with digit >= d
@@ -79,8 +80,17 @@ def kth_largest_keys(keys: torch.Tensor, groups: torch.Tensor, k: torch.Tensor, 
         remaining -= above.gather(1, chosen[:, None]).squeeze(1)
         equal_count = counts.gather(1, chosen[:, None]).squeeze(1)
         prefix |= chosen << shift
-        in_play &= digit == chosen[groups]
-    return Selection(prefix, remaining, equal_count)
+        in_play &= digit == (chosen[0] if groups is None else chosen[groups]).to(digit.dtype)
+    key = prefix - (1 << 31) if key_bits == FLOAT_KEY_BITS else prefix
+    return Selection(key, remaining, equal_count)
+
+
+def _digit(keys: torch.Tensor, shift: int, width: int, key_bits: int) -> torch.Tensor:
+    """Bits [shift, shift+width) of the unsigned key; a signed float key differs from it in the top bit only."""
+    digit = keys >> shift
+    if key_bits == FLOAT_KEY_BITS and shift + width == FLOAT_KEY_BITS:
+        digit = digit + (1 << (width - 1))  # arithmetic shift of a signed key: undo the sign offset
+    return digit & ((1 << width) - 1)
 
 
 def distributed_kth_largest(local_values: torch.Tensor, k: int,
@@ -91,39 +101,43 @@ def distributed_kth_largest(local_values: torch.Tensor, k: int,
     Returns a float32 scalar (a zero comes back as +0.0).
     """
     keys = float_order_keys(local_values)
-    groups = torch.zeros_like(keys)
     total = int(count_reducer(torch.tensor([keys.numel()], dtype=torch.int64, device=keys.device))[0])
     if not 1 <= k <= total:
         raise ValueError(f"k={k} is outside [1, {total}] (the number of values over all ranks)")
-    sel = kth_largest_keys(keys, groups, torch.tensor([k], device=keys.device), key_bits=FLOAT_KEY_BITS, count_reducer=count_reducer)
+    sel = kth_largest_keys(keys, torch.tensor([k], device=keys.device), key_bits=FLOAT_KEY_BITS,
+                           count_reducer=count_reducer)
     return float_from_keys(sel.key)[0]
 
 
-def select_top(scores: torch.Tensor, groups: torch.Tensor, index_keys: torch.Tensor, counted: torch.Tensor,
-               k: torch.Tensor, count_reducer: CountReducer = identity_reducer) -> torch.Tensor:
+IndexKeys = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def select_top(scores: torch.Tensor, k: torch.Tensor, index_keys: IndexKeys, *, groups: Optional[torch.Tensor] = None,
+               counted: Optional[torch.Tensor] = None, count_reducer: CountReducer = identity_reducer) -> torch.Tensor:
     """Mark the k[g] largest scores of each group, exactly, over all ranks: bool (n,).
 
-    Ties at the threshold are broken by the smallest global ``index_keys`` (int64 >= 0, unique over the union), so the
-    count is exact and every rank agrees. Only ``counted`` entries take part in the counts (an entry replicated on several
-    ranks is counted by one of them); every entry, counted or not, is then marked by the same rule.
+    Ties at the threshold are broken by the smallest global index key (int64 >= 0, unique over the union; a tensor
+    (n,) or a function from local positions to keys), so the count is exact and every rank agrees. Only ``counted``
+    entries take part in the counts (an entry replicated on several ranks is counted by one of them); every entry,
+    counted or not, is then marked by the same rule.
     """
-    score_keys = float_order_keys(scores)  # (n,)
-    sel = kth_largest_keys(score_keys[counted], groups[counted], k, key_bits=FLOAT_KEY_BITS,
+    score_keys = float_order_keys(scores)  # (n,) int32
+    sel = kth_largest_keys(score_keys, k, key_bits=FLOAT_KEY_BITS, groups=groups, candidates=counted,
                            count_reducer=count_reducer)
-    threshold = sel.key[groups]  # (n,)
-    chosen = score_keys > threshold
-    tied = score_keys == threshold
-    # Groups that need only part of their ties resolve them by global index order (smallest index first).
-    partial = sel.needed_ties < sel.equal_count  # (G,)
-    tie_limit = torch.full_like(sel.key, INDEX_MAX)  # (G,) largest index key taken among ties
+    per_entry = (lambda t: t[0]) if groups is None else (lambda t: t[groups])  # noqa: E731
+    threshold = per_entry(sel.key.to(torch.int32))
+    chosen = score_keys > threshold  # (n,)
+    tied = score_keys == threshold  # (n,)
+    partial = sel.needed_ties < sel.equal_count  # (G,) groups that take only part of their ties
     if bool(partial.any()):
-        reversed_index = INDEX_MAX - index_keys  # smallest index = largest key
-        in_tie = tied & counted
-        tie_sel = kth_largest_keys(reversed_index[in_tie], groups[in_tie], sel.needed_ties, key_bits=INDEX_KEY_BITS,
-                                   count_reducer=count_reducer)
-        tie_limit = torch.where(partial, INDEX_MAX - tie_sel.key, tie_limit)
-    chosen |= tied & (index_keys <= tie_limit[groups])
-    return chosen & (k[groups] >= 1)
-
-
-INDEX_MAX = (1 << INDEX_KEY_BITS) - 1
+        positions = tied.nonzero().squeeze(1)  # (t,) usually few
+        keys = index_keys(positions) if callable(index_keys) else index_keys[positions]
+        tie_groups = None if groups is None else groups[positions]
+        in_tie = None if counted is None else counted[positions]
+        # Smallest index first: select the largest reversed keys.
+        tie_sel = kth_largest_keys(INDEX_MAX - keys, sel.needed_ties, key_bits=INDEX_KEY_BITS, groups=tie_groups,
+                                   candidates=in_tie, count_reducer=count_reducer)
+        limit = torch.where(partial, INDEX_MAX - tie_sel.key, torch.full_like(tie_sel.key, INDEX_MAX))  # (G,)
+        limit_per_tie = limit[0] if groups is None else limit[tie_groups]
+        tied[positions] = keys <= limit_per_tie
+    return (chosen | tied) & per_entry(k.to(scores.device) >= 1)

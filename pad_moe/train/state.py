@@ -65,36 +65,19 @@ def has_run_partition(run_dir: str) -> bool:
 
 
 def save_run_partition(run_dir: str, model, record: dict, rank: int) -> None:
-    """Masks of every rank (per-expert masks differ across expert-parallel ranks) and the record, in RUN_DIR."""
-    from pad_moe.pad.protocol import pad_modules
+    """Masks (safetensors per rank, keyed by global expert id) and the record, in RUN_DIR/partition."""
+    from pad_moe.partition import save_partition
 
-    folder = _partition_dir(run_dir)
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "record.json"), "w") as f:
-            json.dump(record, f, indent=1)
-    D.barrier()
-    masks = {f"{name}::{k}": v.cpu() for name, m in pad_modules(model) for k, v in m.masks().items()}
-    torch.save(masks, os.path.join(folder, f"masks_rank{rank}.pt"))
-    D.barrier()
+    save_partition(_partition_dir(run_dir), model, record)  # ends with a barrier
 
 
 def load_run_partition(run_dir: str, model) -> dict:
-    from pad_moe.pad.protocol import pad_modules
+    from pad_moe.partition import load_partition
 
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    folder = _partition_dir(run_dir)
-    path = os.path.join(folder, f"masks_rank{rank}.pt")
-    if not os.path.isfile(path):
-        raise D.UsageError(f"--resume: {path} is missing (the run was partitioned with another world size?); "
-                           "resume with the original number of ranks")
-    saved = torch.load(path, weights_only=True)
-    for name, module in pad_modules(model):
-        module.set_masks({k: saved[f"{name}::{k}"] for k in module.masks()})
-    with open(os.path.join(folder, "record.json")) as f:
-        return json.load(f)
+    try:
+        return load_partition(_partition_dir(run_dir), model)  # also re-drops λs for method=moe_p
+    except ValueError as err:
+        raise D.UsageError(f"--resume: {err}") from None
 
 
 def save_checkpoint(engine, run_dir: str, step: int, rank: int, record: dict | None) -> None:
