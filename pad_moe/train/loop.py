@@ -88,7 +88,7 @@ def evaluate(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[st
 
 def pad_scalars(model) -> dict[str, float]:
     out = {}
-    for i, (name, module) in enumerate(pad_modules(model)):
+    for i, (_, module) in enumerate(pad_modules(model)):
         lam_s, lam_d = module.scale_factors()
         out[f"pad/lambda_s/{i}"] = as_float(lam_s)
         out[f"pad/lambda_d/{i}"] = as_float(lam_d)
