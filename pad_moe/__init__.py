@@ -1,11 +1,23 @@
-"""pad_moe: partially dynamic Mixture-of-Experts (PAD-Net) on DeepSpeed."""
+"""pad_moe: partially dynamic Mixture-of-Experts (PAD-Net) on DeepSpeed.
 
-from pad_moe.moe.layer import DenseFFNBlock, MoEFFN, PadMoE, build_ffn_block, ffn_block_from_dense
-from pad_moe.pad.mixing import pad_mix, scale_factors_from_phi
-from pad_moe.pad.protocol import PadMaskMixin, PadModule, pad_modules
-from pad_moe.models import aux_loss, expert_counts, load_upcycled, save_upcycled, upcycle
+Public names are imported lazily, so ``import pad_moe.data`` or ``padmoe config`` do not load DeepSpeed.
+"""
 
-__all__ = ["DenseFFNBlock", "MoEFFN", "PadMoE", "build_ffn_block", "ffn_block_from_dense", "pad_mix",
-           "scale_factors_from_phi", "PadMaskMixin", "PadModule", "pad_modules", "upcycle", "aux_loss",
-           "expert_counts", "save_upcycled", "load_upcycled"]
+import importlib
+
+_EXPORTS = {
+    "DenseFFNBlock": "pad_moe.moe.layer", "MoEFFN": "pad_moe.moe.layer", "PadMoE": "pad_moe.moe.layer",
+    "build_ffn_block": "pad_moe.moe.layer", "ffn_block_from_dense": "pad_moe.moe.layer",
+    "pad_mix": "pad_moe.pad.mixing", "scale_factors_from_phi": "pad_moe.pad.mixing",
+    "PadMaskMixin": "pad_moe.pad.protocol", "PadModule": "pad_moe.pad.protocol", "pad_modules": "pad_moe.pad.protocol",
+    "upcycle": "pad_moe.models", "aux_loss": "pad_moe.models", "expert_counts": "pad_moe.models",
+    "save_upcycled": "pad_moe.models", "load_upcycled": "pad_moe.models",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pad_moe' has no attribute {name!r}")

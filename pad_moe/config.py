@@ -165,10 +165,13 @@ class ModelConfig:
     """Maximum sequence length (tokens)."""
     dropout: float = 0.0
     """Dropout probability in the toy encoder."""
+    pooling: str = "cls"
+    """hf: cls (the model's own [CLS] pooler and head) | mean (mean of token states; sentence encoders)."""
 
     def __post_init__(self):
         o = "model"
         _choice(o, "arch", self.arch, ("toy", "hf"))
+        _choice(o, "pooling", self.pooling, ("cls", "mean"))
         for name in ("hidden_size", "ffn_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"):
             _at_least(o, name, getattr(self, name), 1)
         if self.hidden_size % self.num_heads:

@@ -20,13 +20,13 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # all-MiniLM-L6-v2 (6 layers, H=384, F=1536; offline pip package), 8 experts top-2 on every FFN (paper setup).
     "minilm": {
         "model": {"arch": "hf", "path": "minilm", "num_layers": 6, "hidden_size": 384, "ffn_size": 1536,
-                  "num_heads": 12, "vocab_size": 30522, "max_seq_len": 512},
+                  "num_heads": 12, "vocab_size": 30522, "max_seq_len": 512, "pooling": "mean"},
         "moe": {"num_experts": 8, "k": 2, "drop_tokens": False, "min_capacity": 0},
     },
     # Its first two layers: a real pretrained model that trains in minutes on 2 CPU cores.
     "minilm-2l": {
         "model": {"arch": "hf", "path": "minilm", "num_layers": 2, "hidden_size": 384, "ffn_size": 1536,
-                  "num_heads": 12, "vocab_size": 30522, "max_seq_len": 512},
+                  "num_heads": 12, "vocab_size": 30522, "max_seq_len": 512, "pooling": "mean"},
         "moe": {"num_experts": 8, "k": 2, "drop_tokens": False, "min_capacity": 0},
     },
     # A wider toy encoder (BERT-base FFN shape, 2 layers) for benchmarks.

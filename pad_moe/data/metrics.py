@@ -63,7 +63,7 @@ def compute_metrics(task: str | TaskInfo, predictions, labels) -> dict[str, floa
     kind = _metric_kind(task)
     preds, gold = _as_numpy(predictions, "predictions"), _as_numpy(labels, "labels")
     if kind == "pearson_spearman":
-        preds = preds.reshape(len(preds), -1)[:, 0] if preds.ndim == 2 and preds.shape[1] == 1 else preds
+        preds = preds[:, 0] if preds.ndim == 2 and preds.shape[1] == 1 else preds
     elif preds.ndim == 2:
         preds = preds.argmax(axis=-1)
     if preds.ndim != 1 or gold.ndim != 1 or len(preds) != len(gold):

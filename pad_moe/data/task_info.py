@@ -40,7 +40,8 @@ class TaskInfo:
         if self.num_labels < 1:
             raise ValueError(f"task {self.name!r}: num_labels={self.num_labels} must be >= 1 (1: regression)")
         if self.label_names and len(self.label_names) != self.num_labels:
-            raise ValueError(f"task {self.name!r}: {len(self.label_names)} label_names for num_labels={self.num_labels}")
+            raise ValueError(f"task {self.name!r}: {len(self.label_names)} label_names for "
+                             f"num_labels={self.num_labels}")
 
     @property
     def is_regression(self) -> bool:

@@ -216,11 +216,16 @@ def upcycle_from_config(hf_model: nn.Module, moe_cfg, ep_rank: int = 0) -> nn.Mo
     return hf_model
 
 
-def _reset_stats_hook(module: nn.Module, _args) -> None:
-    # A top-level forward starts: forget the previous forward's auxiliary losses and counts.
-    for m in module.modules():
+def reset_stats(model: nn.Module) -> None:
+    """Forget the auxiliary losses and counts of the previous forward (a wrapper that bypasses the upcycled model's
+    own forward, e.g. a custom pooling head, calls this at the start of its forward)."""
+    for m in model.modules():
         if isinstance(m, UpcycledFFN):
             m.reset_stats()
+
+
+def _reset_stats_hook(module: nn.Module, _args) -> None:
+    reset_stats(module)  # a top-level forward starts
 
 
 # -- auxiliary loss and expert load ----------------------------------------------------------------------------------

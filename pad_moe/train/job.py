@@ -80,6 +80,32 @@ def _fixed_length_collate(collate, max_length: int, pad_id: int):
     return fn
 
 
+class MeanPoolClassifier(nn.Module):
+    """A Hugging Face sequence classifier that pools by the mean of the real tokens' last hidden states instead of
+    its [CLS] pooler: how sentence encoders such as all-MiniLM-L6-v2 were trained. The unused pooler is frozen."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        if not isinstance(getattr(hf_model, "classifier", None), nn.Linear):
+            raise ValueError(f"model.pooling=mean needs a classifier that is one nn.Linear on the pooled vector; "
+                             f"{type(hf_model).__name__} has another head: use model.pooling=cls")
+        self.hf = hf_model
+        pooler = getattr(hf_model.base_model, "pooler", None)
+        for p in pooler.parameters() if pooler is not None else ():
+            p.requires_grad_(False)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        from pad_moe.models.upcycle import reset_stats
+
+        reset_stats(self.hf)  # the upcycled model's own forward (which resets them) is bypassed
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        h_BTH = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        w_BT1 = attention_mask.unsqueeze(-1).to(h_BTH.dtype)
+        pooled = (h_BTH * w_BT1).sum(1) / w_BT1.sum(1).clamp_min(1)
+        head = self.hf.classifier
+        return head(self.hf.dropout(pooled)) if hasattr(self.hf, "dropout") else head(pooled)
+
+
 def _hf_job(cfg: RunConfig, ep_rank: int) -> Job:
     """A Hugging Face encoder from a local directory, upcycled per cfg.moe, on a GLUE / VADER task."""
     import os
@@ -104,11 +130,13 @@ def _hf_job(cfg: RunConfig, ep_rank: int) -> Job:
         path, num_labels=info.num_labels, num_hidden_layers=cfg.model.num_layers,
         problem_type="regression" if info.num_labels == 1 else "single_label_classification")
     upcycle_from_config(model, cfg.moe, ep_rank=ep_rank)
+    if cfg.model.pooling == "mean":
+        model = MeanPoolClassifier(model)
     inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids")]
 
     def forward(m, batch):
         out = m(**{k: batch[k] for k in inputs if k in batch})
-        return out.logits, aux_loss(m)
+        return getattr(out, "logits", out), aux_loss(m)
 
     return Job(model=model, train_set=train_set, eval_sets=eval_sets,
                collate=_fixed_length_collate(train_set.collate, d.max_length, tokenizer.pad_token_id),
