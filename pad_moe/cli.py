@@ -3,6 +3,10 @@
     padmoe train CONFIG [key=value ...] [--resume]     (under the deepspeed launcher for several ranks)
     padmoe config CONFIG [key=value ...]               print the resolved config (validates it)
     padmoe presets                                     list model presets
+    padmoe count NAME_OR_CONFIG [--mode ...] [--kappa K] [--convention paper] [--json]
+    padmoe export CHECKPOINT_DIR --out DIR             compact deploy model
+    padmoe consolidate CHECKPOINT_DIR --out PATH       full weights of an expert-parallel checkpoint
+    padmoe reshard CHECKPOINT_DIR --ep N --world W --out DIR
 """
 
 from __future__ import annotations
@@ -12,12 +16,21 @@ import json
 import os
 import sys
 
+DELEGATED = ("count", "export", "consolidate", "reshard")
+
 
 def _setup_env() -> None:
     # Offline by default: never reach a model/data hub at run time.
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on stderr before every error
+    except ImportError:
+        pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,12 +46,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", default=None)
     c.add_argument("overrides", nargs="*")
     sub.add_parser("presets", help="list model presets")
+    for name in DELEGATED:
+        d = sub.add_parser(name, add_help=False, help=f"padmoe {name} --help for its options")
+        d.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
     args = _parser().parse_args(argv)
+    if args.command in DELEGATED:
+        from pad_moe.deploy import MAINS
+
+        return MAINS[args.command](args.rest)
     from pad_moe.config import load_config, to_dict
 
     try:

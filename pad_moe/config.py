@@ -315,8 +315,34 @@ def from_dict(cls, data: dict[str, Any], path: str = ""):
     for name, value in data.items():
         ftype = known[name].type
         sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[name] = from_dict(sub, value, f"{path}.{name}" if path else name) if sub else value
+        where = f"{path}.{name}" if path else name
+        kwargs[name] = from_dict(sub, value, where) if sub else _coerce(where, str(ftype), value)
     return cls(**kwargs)
+
+
+def _coerce(where: str, ftype: str, value):
+    """Check a scalar against its field type; accept YAML's strings for numbers such as '3e-3' (YAML 1.1 reads an
+    exponent without a dot as a string)."""
+    optional = ftype.startswith("Optional[")
+    base = ftype[len("Optional["):-1] if optional else ftype
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where} may not be null")
+    if base == "float" and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}={value!r} is not a number") from None
+    if base == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{where}={value!r} is not an integer")
+    if base == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{where}={value!r} is not true/false")
+    if base == "str" and not isinstance(value, str):
+        raise ValueError(f"{where}={value!r} is not a string")
+    return value
 
 
 def to_dict(cfg) -> dict[str, Any]:

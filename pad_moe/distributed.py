@@ -89,7 +89,7 @@ def build_ds_config(cfg: RunConfig, world: int, total_steps: int) -> dict[str, A
     ds["fp16"] = {"enabled": t.dtype == "fp16", "initial_scale_power": 12}
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-6,
                                                    "weight_decay": t.weight_decay, "torch_adam": True}}
-    warmup = int(round(t.warmup_ratio * total_steps))
+    warmup = max(1, int(round(t.warmup_ratio * total_steps)))  # DeepSpeed needs at least one warmup step
     ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
         "total_num_steps": max(total_steps, warmup + 1), "warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
         "warmup_num_steps": warmup, "warmup_type": "linear"}}

@@ -38,6 +38,17 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def _merge_external() -> None:
+    """Presets defined beside the code that uses them (published Hugging Face encoders for counting)."""
+    from pad_moe.deploy.hf_presets import MODEL_PRESET_ENTRIES
+
+    for name, entry in MODEL_PRESET_ENTRIES.items():
+        MODEL_PRESETS.setdefault(name, entry)
+
+
+_merge_external()
+
+
 def preset_names() -> list[str]:
     return sorted(MODEL_PRESETS)
 

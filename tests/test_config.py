@@ -54,6 +54,7 @@ def test_overrides_win_over_presets_and_the_saved_config_round_trips(tmp_path):
     again = load_config(str(path))
     assert to_dict(again) == to_dict(cfg)
     assert isinstance(again, RunConfig)
+    assert load_config(None, ["train.lr=3e-3"]).train.lr == 0.003  # YAML 1.1 reads 3e-3 as a string
 
 
 @pytest.mark.parametrize("override,match", [
@@ -70,6 +71,9 @@ def test_overrides_win_over_presets_and_the_saved_config_round_trips(tmp_path):
     ("moe.compact=true", "moe.compact=true needs moe.granularity=neuron"),
     ("train.dtype=fp8", "train.dtype='fp8'"),
     ("justakey", "is not key=value"),
+    ("train.lr=fast", "train.lr='fast' is not a number"),
+    ("train.steps=2.5", "train.steps=2.5 is not an integer"),
+    ("moe.drop_tokens=maybe", "moe.drop_tokens='maybe' is not true/false"),
 ])
 def test_bad_values_raise_one_line_errors_naming_the_value(override, match):
     with pytest.raises(ValueError, match=match) as err:

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from pad_moe import distributed as D
+from pad_moe.accounting import count_live
 from pad_moe.config import RunConfig
 from pad_moe.pad.mixing import as_float
 from pad_moe.pad.protocol import pad_modules
@@ -135,8 +136,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     t0 = time.time()
     rank, world = D.init_distributed()
     ep_rank = D.expert_parallel_rank(rank, world, cfg.moe.ep_size)
-    state.prepare_run_dir(cfg, resume, rank)
+    state.check_run_dir(cfg, resume)
     job = build_job(cfg, ep_rank)
+    state.create_run_dir(cfg, resume, rank)
     job.model.to(D.device())
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout and gate noise
     batches = MicroBatches(job.train_set, job.collate, cfg.train.micro_batch_size, rank, world, cfg.data.seed)
@@ -206,7 +208,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
                "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
                "wall_time_s": time.time() - t0, "partition": record,
-               "params_trainable_local": sum(p.numel() for p in job.model.parameters() if p.requires_grad)}
+               **count_live(job.model, cfg.moe.ep_size)}
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -8,7 +8,6 @@ RUN_DIR/tensorboard/         event files (DeepSpeed monitor + pad_moe scalars)
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -19,8 +18,8 @@ from pad_moe.config import RunConfig, save_config, to_dict
 
 # Config fields a resumed run must share with the run it continues.
 RESUME_KEYS = ("model", "moe.mode", "moe.num_experts", "moe.k", "moe.granularity", "moe.mask_sharing",
-               "moe.scale_mode", "moe.compact", "moe.every", "partition.kappa", "partition.method", "data.task",
-               "data.num_labels")
+               "moe.scale_mode", "moe.compact", "moe.every", "partition.kappa", "partition.method",
+               "partition.warmup_steps", "data.task", "data.num_labels")
 
 
 def _lookup(tree: dict, dotted: str):
@@ -29,7 +28,7 @@ def _lookup(tree: dict, dotted: str):
     return tree
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> None:
+def check_run_dir(cfg: RunConfig, resume: bool) -> None:
     """Fresh run: refuse a run dir that already holds a run. Resume: the saved config must match on RESUME_KEYS."""
     path = os.path.join(cfg.run_dir, "config.yaml")
     exists = os.path.isfile(path)
@@ -49,6 +48,14 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, rank: int) -> None:
     if exists or os.path.isdir(os.path.join(cfg.run_dir, "checkpoints")):
         raise D.UsageError(f"run directory {cfg.run_dir} already holds a run; pass --resume to continue it or set "
                            "name=<new name>")
+
+
+def create_run_dir(cfg: RunConfig, resume: bool, rank: int) -> None:
+    """Write RUN_DIR/config.yaml for a fresh run (after the model and data were built, so a refused run leaves
+    nothing behind)."""
+    if resume:
+        return
+    path = os.path.join(cfg.run_dir, "config.yaml")
     D.barrier()  # every rank checked before rank 0 creates the directory
     if rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -99,7 +106,6 @@ def load_checkpoint(engine, run_dir: str, rank: int) -> int:
         raise D.UsageError(f"--resume: no loadable checkpoint under {ckpt}")
     with open(os.path.join(ckpt, "latest")) as f:
         tag_dir = os.path.join(ckpt, f.read().strip())
-    rng_path = os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip())
     rng_path = os.path.join(tag_dir, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_path):
         rng = torch.load(rng_path, weights_only=True)

@@ -1,0 +1,154 @@
+"""``padmoe consolidate``: the full training-form weights of an expert-parallel checkpoint in one safetensors file, and
+the single-process training-form model built from them (all experts local, global ids, no DeepSpeed engine).
+
+DeepSpeed's ``zero_to_fp32`` and universal checkpoints do not handle MoE checkpoints; this reads the model file and
+every ``layer_*_expert_*`` file itself (see :mod:`pad_moe.deploy.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pad_moe.deploy.checkpoint import (
+    AtomicDir,
+    Checkpoint,
+    CheckpointError,
+    read_checkpoint,
+    read_optimizer_state,
+    with_ep_size,
+)
+from pad_moe.distributed import UsageError
+
+CONSOLIDATED_FILE = "model.safetensors"
+CONSOLIDATED_META = "consolidated.json"
+
+
+def prepare_pad_modules(model: nn.Module, state: dict, cfg, record: Optional[dict]) -> None:
+    """What a strict load needs before it: MoE-P's dropped static part, masks, and neuron compaction (which changes
+    weight shapes). ``state`` uses the key layout of ``model``."""
+    from pad_moe.pad.protocol import pad_modules
+
+    drop = (record or {}).get("method") == "moe_p"  # λs = 0 is not part of the model's state
+    for name, module in pad_modules(model):
+        if drop:
+            module.drop_static(True)
+        if cfg.moe.compact:
+            with torch.no_grad():
+                for bname, buf in module.named_buffers(recurse=False):
+                    key = f"{name}.{bname}" if name else bname
+                    if key not in state or tuple(state[key].shape) != tuple(buf.shape):
+                        raise CheckpointError(f"checkpoint lacks mask {key} of compacted layer {name}")
+                    buf.copy_(state[key])
+            module.compact_()
+
+
+def build_training_model(cfg, state: dict, *, ep_size: int = 1, ep_rank: int = 0,
+                         record: Optional[dict] = None) -> nn.Module:
+    """The run's model (``build_job``) for (ep_size, ep_rank), with ``state`` (this rank's keys) loaded strictly."""
+    return build_training_job(cfg, state, ep_size=ep_size, ep_rank=ep_rank, record=record).model
+
+
+def build_training_job(cfg, state: dict, *, ep_size: int = 1, ep_rank: int = 0, record: Optional[dict] = None):
+    """``build_job`` for (ep_size, ep_rank) with ``state`` loaded strictly into its model; returns the Job."""
+    from pad_moe.train.job import build_job
+
+    cfg = with_ep_size(cfg, ep_size)
+    job = build_job(cfg, ep_rank)
+    model = job.model
+    prepare_pad_modules(model, state, cfg, record)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"checkpoint does not fit the run's model ({detail[:200]})") from None
+    return job
+
+
+def load_training_form(checkpoint_dir: str, tag: Optional[str] = None, config: Optional[str] = None) -> nn.Module:
+    """The training-form model of a checkpoint in one process (ep_size=1, every expert local), in eval mode."""
+    ckpt = read_checkpoint(checkpoint_dir, tag, config)
+    return build_training_model(ckpt.cfg, full_weights(ckpt), record=ckpt.record).eval()
+
+
+def full_weights(ckpt: Checkpoint, prefer_fp32_master: bool = True) -> dict[str, torch.Tensor]:
+    """The checkpoint's full state dict; parameters stored in bf16/fp16 are replaced by the ZeRO fp32 masters."""
+    state = dict(ckpt.state)
+    low = [k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32]
+    if prefer_fp32_master and low:
+        opt = read_optimizer_state(ckpt)
+        if opt is not None:
+            for k in low:
+                if k in opt.fp32:
+                    state[k] = opt.fp32[k]
+    return state
+
+
+def consolidate(checkpoint_dir: str, out: str, *, tag: Optional[str] = None, config: Optional[str] = None,
+                dtype: Optional[str] = None) -> dict:
+    """Write the full weights (all experts, global ids) to ``out`` (a .safetensors file, or a folder that then holds
+    model.safetensors, consolidated.json and config.yaml). Returns the summary written to consolidated.json."""
+    from safetensors.torch import save_file
+
+    from pad_moe.config import save_config
+
+    ckpt = read_checkpoint(checkpoint_dir, tag, config)
+    state = full_weights(ckpt)
+    build_training_model(ckpt.cfg, state, record=ckpt.record)  # validates every key and shape
+    if dtype is not None:
+        cast = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        state = {k: v.to(cast) if v.is_floating_point() else v for k, v in state.items()}
+    summary = {"format": "pad_moe.consolidated", "version": 1, "checkpoint": ckpt.ref.tag_dir, "tag": ckpt.ref.tag,
+               "step": ckpt.step, "world_size": ckpt.world_size, "ep_size": ckpt.ep_size,
+               "num_experts": ckpt.cfg.moe.num_experts, "tensors": len(state),
+               "params": sum(v.numel() for v in state.values() if v.is_floating_point()),
+               "note": "expert keys carry global expert ids (the ep_size=1 layout)"}
+    meta = {"pad_moe": json.dumps({k: v for k, v in summary.items() if k != "note"})}
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    out = os.path.abspath(out)
+    if out.endswith(".safetensors"):  # one file, written next to its target and renamed
+        if os.path.exists(out):
+            raise UsageError(f"--out {out} already exists; choose a new path (nothing was written)")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out)
+        except BaseException:
+            os.remove(tmp)
+            raise
+        return summary
+    with AtomicDir(out, "model") as tmp:
+        save_file(tensors, os.path.join(tmp, CONSOLIDATED_FILE), metadata=meta)
+        with open(os.path.join(tmp, CONSOLIDATED_META), "w") as f:
+            json.dump(summary, f, indent=1)
+        save_config(with_ep_size(ckpt.cfg, 1), os.path.join(tmp, "config.yaml"))
+    return summary
+
+
+def consolidate_main(argv: Optional[list[str]] = None) -> int:
+    """``padmoe consolidate CHECKPOINT_DIR --out FILE_OR_DIR [--tag T] [--config RUN.yaml] [--dtype fp32]``."""
+    p = argparse.ArgumentParser(prog="padmoe consolidate", description=consolidate_main.__doc__)
+    p.add_argument("checkpoint", help="RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/TAG")
+    p.add_argument("--out", required=True, help="a .safetensors file, or a new folder")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
+    p.add_argument("--config", default=None, help="run config (default: RUN_DIR/config.yaml)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="cast floating tensors")
+    args = p.parse_args(argv)
+    try:
+        summary = consolidate(args.checkpoint, args.out, tag=args.tag, config=args.config, dtype=args.dtype)
+    except ValueError as err:
+        print(f"padmoe consolidate: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": os.path.abspath(args.out), **{k: summary[k] for k in ("step", "tensors", "params")}}))
+    return 0

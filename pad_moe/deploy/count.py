@@ -1,0 +1,229 @@
+"""``padmoe count``: parameters and bytes of a model, training form and compact (deploy) form, from its configuration
+alone. The architecture is built on the meta device (shapes only, nothing downloaded); its FFN blocks are found, and
+the chosen mode (static / moe / pad) is applied to every ``every``-th of them by formula.
+
+Per converted FFN with N parameters (fc1 + fc2, biases included), H inputs, U hidden units, E experts, κ dynamic:
+
+    static     training = compact = N
+    moe        training = compact = E·N + router
+    pad        training = N + E·N + router + φ        compact = (N − D) + E·D + router,   D = dynamic entries
+               element masks: D = round(κ·N); neuron masks: D = round(κ·U)·(2H + 1) (fc2's bias stays static)
+
+With moe.compact (neuron masks) the run trains the narrow form: training = compact + φ.
+Convention ``ours`` (default): DeepSpeed's router, one gate (E×H) per FFN; λ folded into the stored values (φ is not
+stored); MoE-P (partition.method=moe_p) drops the static part. Convention ``paper`` reproduces Table 1/3: routers of the
+paper's code, one per FFN *linear* with a gate and a noise matrix (2·in·E each), and PAD = non-FFN + (1 − κ + Eκ)·FFN
+(ALBERT's printed row counts the static FFN whole: (1 + Eκ)·FFN). Bytes: parameters × dtype size, plus the masks
+(compact: packed bits; training: one bool byte per entry). Presets count the bare encoder (no pooler, no head), as the
+paper does; a run config counts the run's whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pad_moe.deploy.hf_presets import HF_PRESETS, PAPER_QUIRKS, build_encoder
+from pad_moe.distributed import UsageError
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclasses.dataclass
+class FFNSite:
+    hidden: int
+    units: int
+    params: int
+    bias: bool
+
+
+@dataclasses.dataclass
+class Arch:
+    """What counting needs: the dense model's parameters and its FFN blocks (each distinct module once)."""
+
+    name: str
+    total: int
+    sites: list[FFNSite]
+    defaults: dict
+
+
+def _site(fc1: nn.Linear, fc2: nn.Linear) -> FFNSite:
+    params = sum(p.numel() for p in (*fc1.parameters(), *fc2.parameters()))
+    return FFNSite(hidden=fc1.in_features, units=fc1.out_features, params=params, bias=fc1.bias is not None)
+
+
+def _unique_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared parameter once
+
+
+def resolve(name_or_config: str, overrides: tuple[str, ...] = ()) -> Arch:
+    """An HF preset name, a pad_moe model preset name (``debug``...) or a run config YAML."""
+    from pad_moe.config import load_config
+    from pad_moe.presets import MODEL_PRESETS
+
+    if name_or_config in HF_PRESETS:
+        from pad_moe.models.upcycle import find_ffn_sites
+
+        model = build_encoder(name_or_config)
+        sites = [_site(s.fc1, s.fc2) for s in find_ffn_sites(model)]
+        return Arch(name_or_config, _unique_params(model), sites,
+                    {"mode": "pad", "num_experts": 8, "k": 2, "kappa": 0.5, "granularity": "element", "every": 1,
+                     "scale_mode": "both", "static_dropped": False, "compacted": False})
+    if os.path.isfile(name_or_config):
+        cfg = load_config(name_or_config, list(overrides))
+    elif name_or_config in MODEL_PRESETS:
+        cfg = load_config(None, [f"model.preset={name_or_config}", *overrides])
+    else:
+        raise UsageError(f"{name_or_config!r} is neither a config file nor a preset; presets: "
+                         f"{', '.join(sorted(set(HF_PRESETS) | set(MODEL_PRESETS)))}")
+    model, sites = _config_model(cfg)
+    pad = cfg.moe.mode == "pad"
+    kappa = cfg.partition.kappa if pad and cfg.partition.enabled else 1.0
+    return Arch(cfg.name, _unique_params(model), sites,
+                {"mode": cfg.moe.mode, "num_experts": cfg.moe.num_experts, "k": cfg.moe.k, "kappa": kappa,
+                 "granularity": cfg.moe.granularity, "every": cfg.moe.every, "scale_mode": cfg.moe.scale_mode,
+                 "static_dropped": pad and cfg.partition.enabled and cfg.partition.method == "moe_p",
+                 "compacted": pad and cfg.moe.compact})
+
+
+def _config_model(cfg) -> tuple[nn.Module, list[FFNSite]]:
+    dense = dataclasses.replace(cfg.moe, mode="static", ep_size=1)
+    if cfg.model.arch == "toy":
+        from pad_moe.moe.layer import DenseFFNBlock
+        from pad_moe.toy import ToyClassifier
+
+        with torch.device("meta"):
+            model = ToyClassifier(cfg.model, dense, cfg.data.num_labels, seed=0)
+        return model, [_site(m.ffn.fc1, m.ffn.fc2) for m in model.modules() if isinstance(m, DenseFFNBlock)]
+    if cfg.model.arch == "hf":
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from pad_moe.models.upcycle import find_ffn_sites
+
+        path = cfg.model.path
+        if path == "minilm":
+            from pad_moe.models.minilm import minilm_dir
+
+            path = minilm_dir()
+        if not path or not os.path.exists(path):
+            raise UsageError(f"model.path={cfg.model.path!r} is not a local model folder; counting reads its "
+                             "config.json (nothing is downloaded)")
+        hf = AutoConfig.from_pretrained(path, num_labels=cfg.data.num_labels)
+        if getattr(hf, "num_hidden_layers", 0) > cfg.model.num_layers:
+            hf.num_hidden_layers = cfg.model.num_layers
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(hf)
+        return model, [_site(s.fc1, s.fc2) for s in find_ffn_sites(model)]
+    raise UsageError(f"model.arch={cfg.model.arch!r} cannot be counted; allowed: toy, hf")
+
+
+def count(arch: Arch, *, mode: Optional[str] = None, kappa: Optional[float] = None, experts: Optional[int] = None,
+          k: Optional[int] = None, granularity: Optional[str] = None, convention: str = "ours",
+          dtype: str = "fp32", pad_static: Optional[str] = None) -> dict:
+    """Training-form and compact-form counts of ``arch`` (defaults from the preset / config)."""
+    d = arch.defaults
+    mode = mode or d["mode"]
+    E = experts if experts is not None else d["num_experts"]
+    k = k if k is not None else d["k"]
+    kappa = kappa if kappa is not None else (d["kappa"] if mode == "pad" else 1.0)
+    granularity = granularity or d["granularity"]
+    if mode not in ("static", "moe", "pad"):
+        raise UsageError(f"--mode {mode!r} is unknown; allowed: static, moe, pad")
+    if convention not in ("ours", "paper"):
+        raise UsageError(f"--convention {convention!r} is unknown; allowed: ours, paper")
+    if not 0 < kappa <= 1:
+        raise UsageError(f"--kappa {kappa} must be in (0, 1]")
+    if E < 1 or not 1 <= k <= E:
+        raise UsageError(f"--experts {E} / --k {k}: need experts >= 1 and 1 <= k <= experts")
+    if granularity not in ("element", "neuron"):
+        raise UsageError(f"--granularity {granularity!r} is unknown; allowed: element, neuron")
+    if pad_static is None:
+        pad_static = PAPER_QUIRKS.get(arch.name, {}).get("pad_static", "masked") if convention == "paper" else "masked"
+    chosen = [s for i, s in enumerate(arch.sites) if i % d["every"] == d["every"] - 1]
+    ffn_all = sum(s.params for s in arch.sites)
+    phi = {"none": 0, "unconstrained": 2}.get(d["scale_mode"], 1)
+    training = compact = float(arch.total)
+    active = float(arch.total)
+    mask_train = mask_compact = 0
+    for s in chosen:
+        N = s.params
+        router = 2 * (s.hidden + s.units) * E if convention == "paper" else s.hidden * E
+        if mode == "static":
+            continue
+        if mode == "moe":
+            training += (E - 1) * N + router
+            compact += (E - 1) * N + router
+            active += (k - 1) * N + router
+            continue
+        if convention == "paper":
+            dyn = kappa * N
+            static_kept = N if pad_static == "whole" else N - dyn
+        else:
+            if granularity == "neuron":
+                dyn = round(kappa * s.units) * (2 * s.hidden + (1 if s.bias else 0))
+            else:
+                dyn = round(kappa * N)
+            static_kept = 0 if d["static_dropped"] else N - dyn
+        entries = s.units if granularity == "neuron" and convention != "paper" else N
+        if d["compacted"] and granularity == "neuron":  # moe.compact: the run trains the narrow form itself
+            training += static_kept - N + E * dyn + router + phi
+        else:
+            training += E * N + router + phi
+        compact += static_kept - N + E * dyn + router
+        active += static_kept - N + k * dyn + router
+        mask_train += entries
+        mask_compact += -(-entries // 8)
+    size = DTYPE_BYTES[dtype]
+    params, params_training = int(round(compact)), int(round(training))
+    return {"name": arch.name, "mode": mode, "convention": convention, "granularity": granularity,
+            "kappa": kappa if mode == "pad" else None, "experts": E if mode != "static" else None, "k": k,
+            "params": params, "params_training": params_training, "params_active": int(round(active)),
+            "params_M": f"{params / 1e6:.1f}M", "params_training_M": f"{params_training / 1e6:.1f}M",
+            "bytes": params * size + mask_compact, "bytes_training": params_training * size + mask_train,
+            "dtype": dtype, "ffn_blocks": len(chosen), "ffn_params": ffn_all, "non_ffn_params": arch.total - ffn_all}
+
+
+def count_main(argv: Optional[list[str]] = None) -> int:
+    """``padmoe count NAME_OR_CONFIG [--mode static|moe|pad] [--kappa K] [--experts E] [--k K] [--granularity G]
+    [--convention ours|paper] [--dtype fp32] [--json] [key=value ...]``."""
+    p = argparse.ArgumentParser(prog="padmoe count", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help=f"a preset ({', '.join(sorted(HF_PRESETS))}, debug, ...) or a run config YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of a run config")
+    p.add_argument("--mode", choices=("static", "moe", "pad"), default=None)
+    p.add_argument("--kappa", type=float, default=None, help="dynamic fraction κ (default: config / 0.5)")
+    p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--k", type=int, default=None, help="experts per token (only changes params_active)")
+    p.add_argument("--granularity", choices=("element", "neuron"), default=None)
+    p.add_argument("--convention", choices=("ours", "paper"), default="ours")
+    p.add_argument("--pad-static", choices=("masked", "whole"), default=None,
+                   help="paper convention: count the static FFN masked (1−κ) or whole (default: as the table prints)")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="fp32")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        result = count(resolve(args.target, tuple(args.overrides)), mode=args.mode, kappa=args.kappa,
+                       experts=args.experts, k=args.k, granularity=args.granularity, convention=args.convention,
+                       dtype=args.dtype, pad_static=args.pad_static)
+    except ValueError as err:
+        print(f"padmoe count: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    r = result
+    what = r["mode"] + (f" κ={r['kappa']:g} {r['granularity']}" if r["mode"] == "pad" else "")
+    what += f" experts={r['experts']} k={r['k']}" if r["mode"] != "static" else ""
+    print(f"{r['name']}: {what}, convention {r['convention']}")
+    print(f"  compact   {r['params']:>15,d} params  {r['params_M']:>8s}  {r['bytes'] / 2**20:10.1f} MiB {r['dtype']}")
+    print(f"  training  {r['params_training']:>15,d} params  {r['params_training_M']:>8s}  "
+          f"{r['bytes_training'] / 2**20:10.1f} MiB {r['dtype']}")
+    print(f"  active    {r['params_active']:>15,d} params per token (k={r['k']})")
+    return 0

@@ -1,0 +1,75 @@
+"""The main job's code path end to end on a tiny Hugging Face encoder: 2 ranks through the deepspeed launcher,
+upcycled PAD-MoE (ep_size 2, ZeRO-2), GLUE-format local files, partition after warmup steps, checkpoint, resume."""
+
+import json
+import shutil
+
+import pytest
+
+from test_train_launch import ROOT, launch, padmoe
+
+FIXTURES = f"{ROOT}/tests/fixtures/data"
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pad_moe.models import minilm_dir
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_run(tiny_bert, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    args = ["configs/minilm_vader.yaml", f"output_dir={out}", "name=hf", f"model.path={tiny_bert}",
+            "model.pooling=cls", "data.task=sst2",
+            f"data.data_files={{train: {FIXTURES}/sst2_train.tsv, validation: {FIXTURES}/sst2_dev.tsv}}",
+            "data.max_length=16", "data.max_train=null", "data.max_eval=null", "moe.num_experts=4",
+            "partition.warmup_steps=3", "partition.num_batches=2", "partition.iterations=2",
+            "train.micro_batch_size=2", "train.steps=8", "train.checkpoint_every=4", "train.lr=3e-3",
+            "train.warmup_ratio=0.1"]
+    launch(args)
+    with open(out / "hf" / "summary.json") as f:
+        return {"out": out, "args": args, "summary": json.load(f)}
+
+
+def test_upcycled_hf_model_trains_partitions_after_warmup_and_checkpoints(hf_run):
+    s = hf_run["summary"]
+    assert len(s["losses"]) == 8 and sum(s["losses"][-2:]) < sum(s["losses"][:2])
+    record = s["partition"]
+    assert record["warmup_steps"] == 3 and record["method"] == "imp"
+    assert abs(record["dynamic_per_round"][-1] / record["total_entries"] - 0.5) < 1e-3
+    assert s["params_compact"] < s["params_training"]
+    assert "accuracy" in s["eval"]["validation"]
+
+
+def test_hf_resume_reproduces_the_losses(hf_run):
+    run_dir = hf_run["out"] / "hf"
+    shutil.rmtree(run_dir / "checkpoints" / "step8")
+    (run_dir / "checkpoints" / "latest").write_text("step4")
+    launch([*hf_run["args"], "--resume"])
+    with open(run_dir / "summary.json") as f:
+        resumed = json.load(f)
+    assert resumed["losses"] == pytest.approx(hf_run["summary"]["losses"][4:], rel=1e-5, abs=1e-6)
+
+
+def test_hf_bad_inputs_exit_2(tmp_path):
+    base = ["train", "configs/minilm_vader.yaml", f"output_dir={tmp_path}", "moe.ep_size=1"]
+    missing = padmoe([*base,
+                      "data.data_files={train: /nonexistent.tsv, validation: /nonexistent.tsv}", "data.task=sst2"])
+    assert missing.returncode == 2 and "/nonexistent.tsv" in missing.stderr
+    unknown = padmoe([*base, "data.task=sst3"])
+    assert unknown.returncode == 2 and "sst3" in unknown.stderr
+    bad_len = padmoe([*base, "data.max_length=0"])
+    assert bad_len.returncode == 2 and "data.max_length=0" in bad_len.stderr
+    no_model = padmoe([*base, f"model.path={tmp_path}"])
+    assert no_model.returncode == 2 and "config.json" in no_model.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written for a refused run
