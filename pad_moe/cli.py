@@ -7,6 +7,7 @@
     padmoe export CHECKPOINT_DIR --out DIR             compact deploy model
     padmoe consolidate CHECKPOINT_DIR --out PATH       full weights of an expert-parallel checkpoint
     padmoe reshard CHECKPOINT_DIR --ep N --world W --out DIR
+    padmoe plan PRESET --kappa K --nodes N --gpus-per-node G --ep E --zero S --dtype bf16 --micro-batch B --seq L
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "plan":  # its own argparse (padmoe plan --help)
+        from pad_moe.plan import plan_main
+
+        return plan_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command in DELEGATED:
         from pad_moe.deploy import MAINS

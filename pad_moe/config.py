@@ -70,6 +70,8 @@ class MoEConfig:
     """Replace every N-th FFN block (1: all, 2: every other, as in Switch)."""
     aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss added to the task loss."""
+    router_z_loss_coef: float = 0.001
+    """Switch backbone: weight of the router z-loss (HF SwitchTransformers' definition); needs aux_loss_coef > 0."""
 
     def __post_init__(self):
         o = "moe"
@@ -91,6 +93,7 @@ class MoEConfig:
         _choice(o, "scale_mode", self.scale_mode, SCALE_MODES)
         _at_least(o, "every", self.every, 1)
         _at_least(o, "aux_loss_coef", self.aux_loss_coef, 0.0)
+        _at_least(o, "router_z_loss_coef", self.router_z_loss_coef, 0.0)
         if self.compact and (self.granularity != "neuron" or self.mask_sharing != "layer"):
             raise ValueError("moe.compact=true needs moe.granularity=neuron and moe.mask_sharing=layer, got "
                              f"granularity={self.granularity}, mask_sharing={self.mask_sharing}")
@@ -170,7 +173,7 @@ class ModelConfig:
 
     def __post_init__(self):
         o = "model"
-        _choice(o, "arch", self.arch, ("toy", "hf"))
+        _choice(o, "arch", self.arch, ("toy", "hf", "switch", "vision"))
         _choice(o, "pooling", self.pooling, ("cls", "mean"))
         for name in ("hidden_size", "ffn_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"):
             _at_least(o, name, getattr(self, name), 1)
@@ -200,6 +203,8 @@ class DataConfig:
     """Deterministic subset of each evaluation split."""
     cache_dir: Optional[str] = None
     """pad_moe's cache for fetched corpora (default ~/.cache/pad_moe, or $PAD_MOE_CACHE)."""
+    text_files: list = field(default_factory=list)
+    """span_corruption: text files, one document per line (empty: the VADER sentences, else a generated corpus)."""
     train_size: int = 2048
     """Synthetic training examples."""
     eval_size: int = 256
@@ -208,10 +213,12 @@ class DataConfig:
     """Seed of the synthetic data and of the shuffling order."""
 
     def __post_init__(self):
-        if self.task != "synthetic":
+        if self.task not in ("synthetic", "span_corruption"):
             from pad_moe.data.tasks import task_names
 
-            _choice("data", "task", self.task, ("synthetic",) + tuple(task_names()))
+            _choice("data", "task", self.task, ("synthetic", "span_corruption") + tuple(task_names()))
+        if not isinstance(self.text_files, list):
+            raise ValueError(f"data.text_files={self.text_files!r} must be a list of paths")
         _at_least("data", "num_labels", self.num_labels, 1)
         _at_least("data", "max_length", self.max_length, 1)
         for name in ("max_train", "max_eval"):
@@ -290,6 +297,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        if self.model.arch == "switch" and self.data.task != "span_corruption":
+            raise ValueError(f"model.arch=switch trains on data.task=span_corruption, got data.task={self.data.task}")
         if self.moe.compact and self.partition.warmup_steps:
             raise ValueError(f"moe.compact=true needs the partition before training (partition.warmup_steps=0, got "
                              f"{self.partition.warmup_steps}): a compacted layer changes shape, the engine cannot")

@@ -42,8 +42,12 @@ def _merge_external() -> None:
     """Presets defined beside the code that uses them (published Hugging Face encoders for counting)."""
     from pad_moe.deploy.hf_presets import MODEL_PRESET_ENTRIES
 
+    from pad_moe.switch.presets import registry_entries
+
     for name, entry in MODEL_PRESET_ENTRIES.items():
         MODEL_PRESETS.setdefault(name, entry)
+    for name, entry in registry_entries().items():  # Switch backbones pre-train on span corruption
+        MODEL_PRESETS.setdefault(name, {**entry, "data": {"task": "span_corruption", **entry.get("data", {})}})
 
 
 _merge_external()

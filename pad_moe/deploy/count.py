@@ -209,9 +209,17 @@ def count_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
-        result = count(resolve(args.target, tuple(args.overrides)), mode=args.mode, kappa=args.kappa,
-                       experts=args.experts, k=args.k, granularity=args.granularity, convention=args.convention,
-                       dtype=args.dtype, pad_static=args.pad_static)
+        from pad_moe.switch.presets import switch_names
+
+        if args.target in switch_names():
+            from pad_moe.switch.count import count_switch
+
+            result = count_switch(args.target, args.mode or "moe", 0.5 if args.kappa is None else args.kappa,
+                                  args.experts, dtype=args.dtype)
+        else:
+            result = count(resolve(args.target, tuple(args.overrides)), mode=args.mode, kappa=args.kappa,
+                           experts=args.experts, k=args.k, granularity=args.granularity,
+                           convention=args.convention, dtype=args.dtype, pad_static=args.pad_static)
     except ValueError as err:
         print(f"padmoe count: error: {err}", file=sys.stderr)
         return 2

@@ -62,6 +62,10 @@ def build_job(cfg: RunConfig, ep_rank: int) -> Job:
                    forward=_toy_forward, num_labels=cfg.data.num_labels, metrics=_accuracy, main_metric="accuracy")
     if cfg.model.arch == "hf":
         return _hf_job(cfg, ep_rank)
+    if cfg.model.arch == "switch":
+        from pad_moe.switch.job import build_switch_job
+
+        return build_switch_job(cfg, ep_rank)
     raise ValueError(f"model.arch={cfg.model.arch!r} has no training job; allowed: toy, hf")
 
 

@@ -19,7 +19,8 @@ from pad_moe.config import RunConfig, save_config, to_dict
 # Config fields a resumed run must share with the run it continues.
 RESUME_KEYS = ("model", "moe.mode", "moe.num_experts", "moe.k", "moe.granularity", "moe.mask_sharing",
                "moe.scale_mode", "moe.compact", "moe.every", "partition.kappa", "partition.method",
-               "partition.warmup_steps", "data.task", "data.num_labels")
+               "partition.warmup_steps", "data.task", "data.num_labels", "data.text_files",
+               "moe.router_z_loss_coef")
 
 
 def _lookup(tree: dict, dotted: str):
