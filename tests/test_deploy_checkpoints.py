@@ -109,6 +109,7 @@ def test_consolidate_has_every_expert_with_global_ids(runs, tmp_path, capsys):
     assert consolidate_main([str(runs["el"]), "--out", str(target)]) == 2  # exists: refused
 
 
+@pytest.mark.slow  # ~100 s: four launcher runs; run with -m slow before a release
 def test_reshard_2_to_1_to_2_then_training_continues(runs, capsys):
     src, one, two = runs["el"], runs["out"] / "r1", runs["out"] / "r2"
     assert reshard_main([str(src), "--ep", "1", "--world", "1", "--out", str(one)]) == 0

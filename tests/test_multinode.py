@@ -23,6 +23,7 @@ def _check(proc, what):
     assert proc.returncode == 0, f"{what} exited {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
 
 
+@pytest.mark.slow  # ~95 s: three launchers, 12 processes importing DeepSpeed; run with -m slow
 def test_two_single_rank_nodes_match_one_two_rank_launcher(tmp_path):
     out = tmp_path / "runs"
     hostfile = tmp_path / "hostfile"

@@ -134,9 +134,9 @@ def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, engine=None) 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Train per cfg; returns the run summary (also written to RUN_DIR/summary.json on rank 0)."""
     t0 = time.time()
+    state.check_run_dir(cfg, resume)
     rank, world = D.init_distributed()
     ep_rank = D.expert_parallel_rank(rank, world, cfg.moe.ep_size)
-    state.check_run_dir(cfg, resume)
     job = build_job(cfg, ep_rank)
     state.create_run_dir(cfg, resume, rank)
     job.model.to(D.device())
