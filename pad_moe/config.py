@@ -18,6 +18,7 @@ from pad_moe.moe.ffn import ACTIVATIONS
 from pad_moe.moe.layer import MASK_SHARING, MODES
 from pad_moe.pad.granularity import GRANULARITIES
 from pad_moe.pad.mixing import SCALE_MODES
+from pad_moe.vision.config import VisionConfig
 
 
 def _choice(owner: str, name: str, value, allowed) -> None:
@@ -248,6 +249,12 @@ class TrainConfig:
     """Optimizer steps (0: derive from epochs)."""
     epochs: int = 1
     """Epochs when steps is 0."""
+    optimizer: str = "adamw"
+    """adamw (paper, NLP) | sgd (paper, vision: momentum, nesterov off)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    schedule: str = "linear"
+    """Learning-rate schedule after the linear warmup: linear decay to 0 (NLP) | cosine to 0 (vision)."""
     lr: float = 1e-3
     """Peak learning rate."""
     betas: tuple = (0.9, 0.98)
@@ -268,6 +275,10 @@ class TrainConfig:
     def __post_init__(self):
         o = "train"
         _choice(o, "dtype", self.dtype, ("fp32", "bf16", "fp16"))
+        _choice(o, "optimizer", self.optimizer, ("adamw", "sgd"))
+        _choice(o, "schedule", self.schedule, ("linear", "cosine"))
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"train.momentum={self.momentum} must be in [0, 1)")
         _choice(o, "zero_stage", self.zero_stage, (None, 0, 1, 2, 3))
         for name in ("micro_batch_size", "grad_accum", "epochs"):
             _at_least(o, name, getattr(self, name), 1)
@@ -295,6 +306,7 @@ class RunConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self):
         if self.model.arch == "switch" and self.data.task != "span_corruption":
@@ -400,4 +412,5 @@ def save_config(cfg: RunConfig, path: str) -> None:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-_DATACLASSES = {c.__name__: c for c in (MoEConfig, PartitionConfig, ModelConfig, DataConfig, TrainConfig)}
+_DATACLASSES = {c.__name__: c for c in (MoEConfig, PartitionConfig, ModelConfig, DataConfig, TrainConfig,
+                                         VisionConfig)}

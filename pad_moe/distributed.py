@@ -80,19 +80,29 @@ def build_ds_config(cfg: RunConfig, world: int, total_steps: int) -> dict[str, A
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if t.zero_stage is not None:
         zero["stage"] = t.zero_stage
-    if cfg.moe.mode != "static" and zero.get("stage", 0) > 2:
+    if cfg.model.arch != "vision" and cfg.moe.mode != "static" and zero.get("stage", 0) > 2:
         raise UsageError(f"ZeRO stage {zero['stage']} does not support DeepSpeed MoE; set train.zero_stage to 0, 1 "
                          "or 2")
     if t.dtype == "fp16" and not torch.cuda.is_available():
         raise UsageError("train.dtype=fp16 needs a GPU; use bf16 or fp32 on CPU")
     ds["bf16"] = {"enabled": t.dtype == "bf16"}
     ds["fp16"] = {"enabled": t.dtype == "fp16", "initial_scale_power": 12}
-    ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-6,
-                                                   "weight_decay": t.weight_decay, "torch_adam": True}}
+    if t.optimizer == "adamw":
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-6,
+                                                       "weight_decay": t.weight_decay, "torch_adam": True}}
+    else:  # torch SGD as a client optimizer (initialize_engine builds it)
+        ds.pop("optimizer", None)
+        ds["zero_allow_untested_optimizer"] = True
     warmup = max(1, int(round(t.warmup_ratio * total_steps)))  # DeepSpeed needs at least one warmup step
-    ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
-        "total_num_steps": max(total_steps, warmup + 1), "warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
-        "warmup_num_steps": warmup, "warmup_type": "linear"}}
+    total = max(total_steps, warmup + 1)
+    if t.schedule == "linear":
+        ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": total, "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": warmup,
+            "warmup_type": "linear"}}
+    else:
+        ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": total, "warmup_min_ratio": 0.0, "warmup_num_steps": warmup, "cos_min_ratio": 0.0,
+            "warmup_type": "linear"}}
     ds["steps_per_print"] = 10**9  # pad_moe logs by itself
     tb = ds.get("tensorboard", {})
     if tb.get("enabled", True):
@@ -120,8 +130,12 @@ def initialize_engine(model: torch.nn.Module, cfg: RunConfig, world: int, total_
     import deepspeed
 
     ds = build_ds_config(cfg, world, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                           config=ds)
+    groups = param_groups(model, cfg.train.weight_decay)
+    optimizer = None
+    if cfg.train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
+                                           optimizer=optimizer, config=ds)
     return engine, ds
 
 

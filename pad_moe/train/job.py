@@ -62,11 +62,15 @@ def build_job(cfg: RunConfig, ep_rank: int) -> Job:
                    forward=_toy_forward, num_labels=cfg.data.num_labels, metrics=_accuracy, main_metric="accuracy")
     if cfg.model.arch == "hf":
         return _hf_job(cfg, ep_rank)
+    if cfg.model.arch == "vision":
+        from pad_moe.vision.job import build_vision_job
+
+        return build_vision_job(cfg.vision, cfg.train.seed)
     if cfg.model.arch == "switch":
         from pad_moe.switch.job import build_switch_job
 
         return build_switch_job(cfg, ep_rank)
-    raise ValueError(f"model.arch={cfg.model.arch!r} has no training job; allowed: toy, hf")
+    raise ValueError(f"model.arch={cfg.model.arch!r} has no training job; allowed: toy, hf, vision, switch")
 
 
 def _fixed_length_collate(collate, max_length: int, pad_id: int):

@@ -169,7 +169,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     losses: list[float] = []
     window = {"loss": 0.0, "task": 0.0, "aux": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
     loads: list[torch.Tensor] = []
+    on_step = job.extras.get("on_step")  # e.g. the DY-Conv temperature, set per optimizer step
     for step in range(start_step, total_steps):
+        if on_step is not None:
+            on_step(job.model, step, max(1, batches.per_epoch // accum))
         if is_pad and cfg.partition.enabled and record is None and step == cfg.partition.warmup_steps:
             record = run_partition(job, cfg, batches, engine)
             state.save_run_partition(cfg.run_dir, job.model, record, rank)
@@ -185,7 +188,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             window["task"] += float(task.detach()) / accum
             window["aux"] += float(aux.detach()) / accum
             window["samples"] += batch["labels"].shape[0] * world
-            window["tokens"] += int(batch["attention_mask"].sum()) * world
+            if "attention_mask" in batch:
+                window["tokens"] += int(batch["attention_mask"].sum()) * world
             new = expert_loads(job.model)
             loads = new if not loads else [a + b for a, b in zip(loads, new)]
         window["n"] += 1
@@ -194,7 +198,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total_steps:
-            _log(monitor, engine, job.model, window, loads, done, world)
+            _log(monitor, engine, job, window, loads, done, world)
             window = {k: 0.0 if k != "t" else time.time() for k in window}
             loads = []
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
@@ -222,7 +226,7 @@ def _global_mean(value: torch.Tensor, world: int) -> float:
     return float(t) / world
 
 
-def _log(monitor, engine, model, window, loads, step, world) -> None:
+def _log(monitor, engine, job, window, loads, step, world) -> None:
     loads = [D.all_reduce_(x.clone()) for x in loads]  # every rank joins the collective, rank 0 writes
     if monitor is None:
         return
@@ -231,7 +235,9 @@ def _log(monitor, engine, model, window, loads, step, world) -> None:
     events = [("train/loss", window["loss"] / n, step), ("train/task_loss", window["task"] / n, step),
               ("train/aux_loss", window["aux"] / n, step), ("train/lr", engine.get_lr()[0], step),
               ("perf/samples_per_s", window["samples"] / dt, step), ("perf/tokens_per_s", window["tokens"] / dt, step)]
-    events += [(k, v, step) for k, v in pad_scalars(model).items()]
+    events += [(k, v, step) for k, v in pad_scalars(job.model).items()]
+    if "scalars" in job.extras:
+        events += [(k, v, step) for k, v in job.extras["scalars"](job.model).items()]
     for layer, counts in enumerate(loads):
         share = counts / counts.sum().clamp_min(1)
         events += [(f"expert_load/layer{layer}/e{e}", float(s), step) for e, s in enumerate(share)]
