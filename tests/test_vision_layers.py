@@ -116,8 +116,8 @@ def test_pad_all_static_equals_a_static_conv_and_kernels_get_zero_gradient(impl)
     torch.testing.assert_close(y, static(x), atol=ATOL, rtol=ATOL)
     y.sum().backward()
     assert torch.count_nonzero(pad.weight.grad) == 0
-    for p in pad.attention.parameters():
-        assert p.grad is None or torch.count_nonzero(p.grad) == 0
+    for p in pad.attention.parameters():  # mix: the static part rides on Σπ = 1, so zero up to rounding
+        assert p.grad is None or p.grad.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("impl", ["grouped", "mix"])

@@ -67,13 +67,105 @@ class PadContext:
     """What the PAD experts of a layer need for one forward, computed once per forward by the owning layer.
 
     ``static`` holds λs·W_static per weight name, ``lam_d`` the dynamic scale factor, ``masks_for(expert)`` the
-    per-weight masks of an expert (the same dict for all experts when the layer shares one mask).
+    per-weight masks of an expert (the same dict for all experts when the layer shares one mask). Per-mask tensors that
+    do not depend on the expert (see ``mixing_terms``) are built on first use and shared by the experts.
     """
 
-    __slots__ = ("static", "lam_d", "masks_for")
+    __slots__ = ("static", "lam_d", "masks_for", "_terms")
 
     def __init__(self, static: dict, lam_d, masks_for):
         self.static, self.lam_d, self.masks_for = static, lam_d, masks_for
+        self._terms: dict = {}
+
+    def mixing_terms(self, name: str, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(S0, M, λd·M) for weight ``name`` under bool ``mask``, M as 0/1 in the weight's dtype: S0 = λs·W_s zeroed
+        where M (differentiable in W_s and λs), M and λd·M constants (``_PadMix`` routes λd's gradient)."""
+        key = (name, id(mask))
+        if key not in self._terms:
+            static = self.static[name]
+            with torch.no_grad():
+                # products with a 0/1 float mask instead of torch.where: CPU where is several times slower, and
+                # x·1 = x, x·0 = ±0 select exactly the same values
+                mask_f = mask.to(static.dtype)  # broadcastable to the weight, e.g. (F, 1) for neuron masks
+                lam_d = self.lam_d.detach() if isinstance(self.lam_d, torch.Tensor) else self.lam_d
+                lam_mask = (mask_f * lam_d).to(static.dtype) if not _is_one(lam_d) else mask_f
+                keep_static = 1 - mask_f
+            s0 = static * keep_static  # (out, in); one masking per layer, not per expert
+            # the mask is kept in the entry so that its id cannot be reused while this context lives
+            self._terms[key] = (mask, s0, mask_f, lam_mask)
+        return self._terms[key][1:]
+
+
+class _PadMix(torch.autograd.Function):
+    """W_eff = S0 + (λd·M) ⊙ W_k for a 0/1 mask M: the PAD mix of one expert weight in one fused pass.
+
+    With S0 = λs·W_s zeroed where M this equals where(M, λd·W_k, λs·W_s) (x + 0 = x and 1·λd·w = λd·w exactly).
+    Gradients: ∂W_k = λd·(M ⊙ g), zero where M=0; ∂S0 = g (the masking of S0 applies M once per layer to the sum over
+    experts); ∂λd = Σ M ⊙ g ⊙ W_k, a contraction without a product tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, s0, w_dyn, mask_f, lam_mask, lam_d):
+        is_tensor = isinstance(lam_d, torch.Tensor)
+        ctx.save_for_backward(w_dyn, mask_f, lam_d if is_tensor else None)
+        ctx.lam_d = None if is_tensor else lam_d
+        return torch.addcmul(s0, lam_mask, w_dyn)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_dyn, mask_f, lam_d_t = ctx.saved_tensors
+        lam_d = lam_d_t if lam_d_t is not None else ctx.lam_d
+        grad_w = grad_lam = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[4]:
+            masked = grad * mask_f  # M ⊙ g in the weight's shape
+            if ctx.needs_input_grad[4]:
+                grad_lam = _dot(masked, w_dyn).reshape(lam_d_t.shape).to(lam_d_t.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = masked if _is_one(lam_d) else masked.mul_(lam_d)
+        return (grad if ctx.needs_input_grad[0] else None), grad_w, None, None, grad_lam
+
+
+class _Scale(torch.autograd.Function):
+    """λd·W with ∂λd = Σ g ⊙ W as a contraction (no product tensor for the gradient of λd)."""
+
+    @staticmethod
+    def forward(ctx, w, lam_d):
+        ctx.save_for_backward(w, lam_d)
+        return w * lam_d
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, lam_d = ctx.saved_tensors
+        grad_w = grad * lam_d if ctx.needs_input_grad[0] else None
+        grad_lam = _dot(grad, w).reshape(lam_d.shape).to(lam_d.dtype) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_lam
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ a ⊙ b over all entries of two same-shape tensors, without materialising the product (einsum is both faster
+    and more accurate than torch.dot here)."""
+    return torch.einsum("i,i->", a.reshape(-1), b.reshape(-1))
+
+
+def _is_one(value) -> bool:
+    return not isinstance(value, torch.Tensor) and value == 1.0
+
+
+def _scaled(w: torch.Tensor, lam_d) -> torch.Tensor:
+    if _is_one(lam_d):
+        return w
+    if isinstance(lam_d, torch.Tensor) and lam_d.requires_grad:
+        return _Scale.apply(w, lam_d)
+    return lam_d * w
+
+
+def _mix(ctx: PadContext, name: str, w_dyn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype != torch.bool:  # IMP's relaxed mask: differentiable in M, the plain formula
+        return pad_mix(ctx.static[name], w_dyn, mask, 1.0, ctx.lam_d)
+    s0, mask_f, lam_mask = ctx.mixing_terms(name, mask)
+    if s0.shape != w_dyn.shape or s0.dtype != w_dyn.dtype:  # unusual layouts or mixed dtypes: the reference formula
+        return pad_mix(ctx.static[name], w_dyn, mask, 1.0, ctx.lam_d)
+    return _PadMix.apply(s0, w_dyn, mask_f, lam_mask, ctx.lam_d)
 
 
 class PadExpert(FFN):
@@ -94,10 +186,10 @@ class PadExpert(FFN):
             raise RuntimeError("PadExpert is run by its PadMoE layer; call the layer, not the expert")
         own = dict(self.named_parameters())
         if ctx.static is None:  # compacted layer: experts hold only dynamic units
-            return {name: ctx.lam_d * w for name, w in own.items()}
+            return {name: _scaled(w, ctx.lam_d) for name, w in own.items()}
         masks = ctx.masks_for(self)
         # λs is already folded into ctx.static, so the static side is multiplied by 1.
-        return {name: pad_mix(ctx.static[name], own[name], masks[name], 1.0, ctx.lam_d) for name in ctx.static}
+        return {name: _mix(ctx, name, own[name], masks[name]) for name in ctx.static}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.effective_weights()

@@ -3,8 +3,8 @@
 - ``grouped``: aggregate one kernel per sample, then a single grouped convolution with the batch folded into the groups
   (input (1, B·C, H, W), weight (B·O, C/g, kh, kw), groups B·g). Cost: the convolution once, plus B·K·|W| to aggregate.
 - ``mix``: convolve the whole batch with each of the K kernels, then mix the K outputs per sample by the coefficients.
-  Only valid where the kernel is linear in the coefficients (PAD: its static part is one extra kernel with coefficient
-  1). Cost: K convolutions, no per-sample weights.
+  Only valid where the kernel is linear in the coefficients (PAD mixes its K per-kernel weights λs(1−M)⊙W_s + λd M⊙W_k:
+  the softmax coefficients sum to one). Cost: K convolutions, no per-sample weights.
 - ``bmm``: a 1×1 convolution (groups 1, no padding) as a batched matrix product of per-sample (O, C) matrices with the
   (C, H·W) input. Cost: the convolution once, plus the aggregation.
 

@@ -200,15 +200,14 @@ class PadDynamicConv2d(PadMaskMixin, DynamicConv2d):
         self._dynamic_index_cache = None
 
     def mix_kernels(self, coef_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K dynamic kernels λd·M⊙W_k plus the static kernel λs·(1−M)⊙W_s with coefficient 1: (K+1, ...), (B, K+1)."""
+        """The K per-kernel PAD weights λs(1−M)⊙W_s + λd M⊙W_k, mixed by π: (K, O, C/g, kh, kw), (B, K).
+
+        Exact because the softmax attention sums to one: Σ_k π_k (S + D_k) = S + Σ_k π_k D_k. So the static part costs
+        no extra convolution; gradients w.r.t. the attention logits are unchanged (softmax ignores a shift shared by
+        all kernels).
+        """
         lam_s, lam_d = self.scale_factors()
-        mask = self._mask()
-        zero = self.static_weight.new_zeros(())
-        dynamic = pad_mix(zero, self.weight, mask, lam_s, lam_d)  # (K, O, C/g, kh, kw)
-        static = pad_mix(self.static_weight, zero, mask, lam_s, lam_d)  # (O, C/g, kh, kw)
-        kernels = torch.cat([dynamic, static.expand(1, *self.kernel_shape)])
-        ones = coef_BK.new_ones(coef_BK.shape[0], 1)
-        return kernels, torch.cat([coef_BK, ones], dim=1)
+        return pad_mix(self.static_weight, self.weight, self._mask(), lam_s, lam_d), coef_BK
 
     def per_sample_kernels(self, coef_BK: torch.Tensor) -> torch.Tensor:
         lam_s, lam_d = self.scale_factors()
