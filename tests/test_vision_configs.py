@@ -27,6 +27,7 @@ def test_vision_config_file_validates(path):
     assert data["model"]["arch"] == "vision"
     assert vision.conv in ("static", "condconv", "dyconv", "pad")
     assert float(data["train"]["weight_decay"]) == vision.weight_decay  # the paper's value for this model family
+    assert (data["train"]["optimizer"], data["train"]["momentum"], data["train"]["schedule"]) == ("sgd", 0.9, "cosine")
     if "vision" in {f.name for f in dataclasses.fields(RunConfig)}:  # wired by the trainer
         cfg = load_config(path)
         assert cfg.vision == vision
