@@ -85,7 +85,8 @@ class KernelMixtureConv2d(nn.Module):
                 weight.normal_(0, math.sqrt(2.0 / (O * kh * kw)))
 
     def routing(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-sample kernel coefficients (B, K): softmax attention (DY-Conv) or sigmoid routing (CondConv)."""
+        raise TypeError(f"{type(self).__name__} is a base class: use DynamicConv2d, CondConv2d or PadDynamicConv2d")
 
     def resolved_impl(self, x_BCHW: torch.Tensor) -> str:
         positions = output_positions(x_BCHW.shape[-2], x_BCHW.shape[-1], self.kernel_size, self.geometry)
