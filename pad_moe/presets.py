@@ -41,7 +41,6 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 def _merge_external() -> None:
     """Presets defined beside the code that uses them (published Hugging Face encoders for counting)."""
     from pad_moe.deploy.hf_presets import MODEL_PRESET_ENTRIES
-
     from pad_moe.switch.presets import registry_entries
 
     for name, entry in MODEL_PRESET_ENTRIES.items():

@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-
 from test_train_launch import ROOT, launch, padmoe
 
 FIXTURES = f"{ROOT}/tests/fixtures/data"
