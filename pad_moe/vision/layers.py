@@ -208,7 +208,18 @@ class PadDynamicConv2d(PadMaskMixin, DynamicConv2d):
         all kernels).
         """
         lam_s, lam_d = self.scale_factors()
-        return pad_mix(self.static_weight, self.weight, self._mask(), lam_s, lam_d), coef_BK
+        mask = self._mask()
+        if mask.dtype != torch.bool or mask.is_meta:
+            return pad_mix(self.static_weight, self.weight, mask, lam_s, lam_d), coef_BK
+        # pad_mix's values with products by a 0/1 mask: one fused pass forward and backward (x·1 = x, x·0 = 0), where
+        # CPU torch.where costs several passes over the K kernels
+        mask_f = mask.to(self.weight.dtype)
+        kernels = torch.addcmul(self._static_part(mask_f, lam_s), lam_d * mask_f, self.weight)  # (K, O, C/g, kh, kw)
+        return kernels, coef_BK
+
+    def _static_part(self, mask_f: torch.Tensor, lam_s) -> torch.Tensor:
+        """λs·(1 − M)⊙W_s for a 0/1 float mask: (O, C/g, kh, kw)."""
+        return (lam_s * self.static_weight) * (1 - mask_f)
 
     def per_sample_kernels(self, coef_BK: torch.Tensor) -> torch.Tensor:
         lam_s, lam_d = self.scale_factors()
@@ -220,7 +231,7 @@ class PadDynamicConv2d(PadMaskMixin, DynamicConv2d):
             w_dyn = w_dyn_BN.reshape(B, *self.kernel_shape)
             return pad_mix(self.static_weight, w_dyn, mask, lam_s, lam_d)  # (B, O, C/g, kh, kw)
         index = self._dynamic_index(mask)  # (n_dyn,)
-        static_N = pad_mix(self.static_weight, self.static_weight.new_zeros(()), mask, lam_s, lam_d).reshape(-1)
+        static_N = self._static_part(mask.to(self.static_weight.dtype), lam_s).reshape(-1)  # (N,)
         dyn_KD = lam_d * self.weight.reshape(K, -1).index_select(1, index)  # (K, n_dyn): λd folded in, not (B, n_dyn)
         w_BN = MergeStaticDynamic.apply(static_N, coef_BK @ dyn_KD, index)  # (B, K) @ (K, n_dyn) -> (B, N)
         return w_BN.reshape(B, *self.kernel_shape)
