@@ -3,6 +3,7 @@
 Training form counts every parameter, experts of all expert-parallel ranks included. Compact form is what a deployed
 PAD model stores: for each PAD weight, the static value where M=0 (once) and each expert's value where M=1; a MoE-P
 layer (static part dropped) keeps only the M=1 expert values. Compacted (neuron) layers already are in compact form.
+A PAD-DyConv layer keeps its static kernel where M=0 and its K kernels where M=1.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ def count_live(model: nn.Module, ep_size: int = 1) -> dict[str, int]:
     """
     training = sum(p.numel() * (ep_size if _is_expert(p) else 1) for p in model.parameters())
     compact = training
+    from pad_moe.vision.layers import PadDynamicConv2d
+
     for module in model.modules():
+        if isinstance(module, PadDynamicConv2d):
+            mask = module.weight_masks()["weight"]
+            dynamic, kernels = int(mask.sum()), module.weight.shape[0]
+            compact -= dynamic + kernels * (mask.numel() - dynamic)  # W_s where M=1, the K kernels where M=0
+            continue
         if not isinstance(module, PadMoE) or module.compacted:
             continue
         static = dict(module.static.named_parameters())

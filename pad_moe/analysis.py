@@ -36,28 +36,35 @@ def effective_expert_weights(layer: MoEFFN) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dynamic_properties(model: nn.Module, run_forward) -> dict[str, dict[str, float]]:
-    """Per MoE layer (all experts local, e.g. a consolidated single-process model): parameter and output variance
-    across the tokens of the batch that ``run_forward()`` feeds to ``model``."""
+def dynamic_properties(model: nn.Module, run_forward, *, reduce_sum=None, gather_experts=None
+                       ) -> dict[str, dict[str, float]]:
+    """Per MoE layer: parameter and output variance across the tokens that ``run_forward()`` feeds to ``model`` (one
+    or several forwards; the moments accumulate).
+
+    One process: all experts must be local (e.g. a consolidated model). Distributed: ``reduce_sum(t)`` sums a tensor
+    over the data-parallel ranks in place, ``gather_experts(layer, rows)`` returns every expert's rows (E, P) in global
+    expert order from this rank's (E_local, P); the result is then identical on every rank.
+    """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MoEFFN)]
-    captured: dict[str, dict[str, torch.Tensor]] = {n: {} for n, _ in layers}
+    moments: dict[str, dict[str, torch.Tensor]] = {}
     hooks = []
     for name, layer in layers:
-        if layer.ep_size != 1:
+        if layer.ep_size != 1 and gather_experts is None:
             raise ValueError(f"dynamic_properties needs all experts local; layer {name} has ep_size={layer.ep_size}: "
                              "consolidate the checkpoint first (padmoe consolidate)")
 
         def gate_hook(_m, _i, out, name=name):
             indices, gates = out[3].long(), out[5]  # (k, S) expert ids (-1: dropped) and gate values
             S, E = indices.shape[1], out[2]
-            G = torch.zeros(S, E, dtype=gates.dtype)
+            G = torch.zeros(S, E, dtype=torch.float64)
             for k in range(indices.shape[0]):
                 keep = indices[k] >= 0
-                G[torch.arange(S)[keep], indices[k][keep]] += gates[k][keep]
-            captured[name]["gates"] = G
+                G[torch.arange(S)[keep], indices[k][keep]] += gates[k][keep].double()
+            _accumulate(moments.setdefault(name, {}), "g", G)
 
         def out_hook(_m, _i, out, name=name):
-            captured[name]["out"] = out[0].detach().reshape(-1, out[0].shape[-1]).float()
+            y = out[0].detach().reshape(-1, out[0].shape[-1]).double()
+            _accumulate(moments.setdefault(name, {}), "y", y)
 
         hooks.append(layer.moe.deepspeed_moe.gate.register_forward_hook(gate_hook))
         hooks.append(layer.register_forward_hook(out_hook))
@@ -68,10 +75,26 @@ def dynamic_properties(model: nn.Module, run_forward) -> dict[str, dict[str, flo
             h.remove()
     result = {}
     for name, layer in layers:
-        G = captured[name]["gates"].double()  # (S, E)
-        W = effective_expert_weights(layer).double()  # (E, P)
-        cov = torch.cov(G.t(), correction=0)  # (E, E) across tokens
+        m = moments[name]
+        if reduce_sum is not None:
+            for key in sorted(m):
+                reduce_sum(m[key])
+        n, mean_g = m["g_n"], m["g_sum"] / m["g_n"]
+        cov = m["g_outer"] / n - torch.outer(mean_g, mean_g)  # (E, E) across tokens
+        W = effective_expert_weights(layer).double()  # (E_local, P)
+        if gather_experts is not None:
+            W = gather_experts(layer, W)
         gram = W @ W.t()
+        mean_y = m["y_sum"] / m["y_n"]
         result[name] = {"parameter_variance": float((cov * gram).sum() / W.shape[1]),
-                        "output_variance": float(captured[name]["out"].var(0, unbiased=False).mean())}
+                        "output_variance": float((m["y_sq"] / m["y_n"] - mean_y ** 2).mean())}
     return result
+
+
+def _accumulate(m: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> None:
+    """Running sums of x (S, D): count, sum, and (gates) the outer-product sum or (outputs) the sum of squares."""
+    second = x.t() @ x if key == "g" else (x * x).sum(0)
+    parts = {f"{key}_n": torch.tensor(float(x.shape[0]), dtype=torch.float64), f"{key}_sum": x.sum(0),
+             f"{key}_outer" if key == "g" else f"{key}_sq": second}
+    for k, v in parts.items():
+        m[k] = m[k] + v if k in m else v

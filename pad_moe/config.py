@@ -268,9 +268,12 @@ class TrainConfig:
     log_every: int = 5
     """Steps between logged scalars."""
     eval_every: int = 0
-    """Steps between evaluations (0: at the end only)."""
+    """Steps between evaluations (0: at the end of every epoch); there is always one at the end."""
     checkpoint_every: int = 0
     """Steps between checkpoints (0: at the end only)."""
+    dynamics_batches: int = 4
+    """MoE runs: at every evaluation, the dynamic-property scalars (paper Fig. 6: parameter and output variance across
+    tokens, per layer) over this many eval micro-batches per rank (0: off; the expert weights are all-gathered)."""
 
     def __post_init__(self):
         o = "train"
@@ -282,7 +285,7 @@ class TrainConfig:
         _choice(o, "zero_stage", self.zero_stage, (None, 0, 1, 2, 3))
         for name in ("micro_batch_size", "grad_accum", "epochs"):
             _at_least(o, name, getattr(self, name), 1)
-        for name in ("steps", "log_every", "eval_every", "checkpoint_every"):
+        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "dynamics_batches"):
             _at_least(o, name, getattr(self, name), 0)
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr} must be > 0")

@@ -149,6 +149,23 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tens
     return tensor
 
 
+def gather_expert_rows(layer, rows: torch.Tensor) -> torch.Tensor:
+    """(E, P) rows of every expert of an expert-parallel MoE layer, in global expert order, from this rank's
+    (E_local, P) rows; all-gathered over the layer's expert-parallel group (identity when it has one rank)."""
+    import torch.distributed as dist
+
+    group = layer.moe.deepspeed_moe.ep_group
+    if not dist.is_initialized() or group is None or dist.get_world_size(group) == 1:
+        return rows
+    n = dist.get_world_size(group)
+    ids = torch.tensor(layer.global_expert_ids, dtype=torch.long, device=rows.device)
+    all_rows, all_ids = [torch.empty_like(rows) for _ in range(n)], [torch.empty_like(ids) for _ in range(n)]
+    dist.all_gather(all_rows, rows.contiguous(), group=group)
+    dist.all_gather(all_ids, ids, group=group)
+    order = torch.cat(all_ids).argsort()
+    return torch.cat(all_rows)[order]
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

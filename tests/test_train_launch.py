@@ -50,6 +50,8 @@ def test_two_rank_training_decreases_the_loss_and_writes_a_checkpoint(run):
     assert run["full"]["world_size"] == 2
     assert os.path.isfile(run["dir"] / "checkpoints" / "step12" / "mp_rank_00_model_states.pt")
     assert glob.glob(str(run["dir"] / "checkpoints" / "step12" / "layer_*_expert_*_mp_rank_00_model_states.pt"))
+    dynamics = run["full"]["dynamics"]  # paper Fig. 6 at the end: trained experts differ -> variance across tokens
+    assert dynamics["dynamics/parameter_variance/0"] > 0 and dynamics["dynamics/output_variance/0"] > 0
     record = run["full"]["partition"]
     assert record is not None and os.path.isfile(run["dir"] / "partition" / "record.json")
 
@@ -65,7 +67,8 @@ def test_tensorboard_has_losses_lambdas_ratios_and_expert_load(run):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     for want in ("train/loss", "train/aux_loss", "train/lr", "pad/lambda_d/0", "pad/dynamic_ratio/1",
-                 "expert_load/layer0/e0", "perf/tokens_per_s", "eval/eval/accuracy"):
+                 "expert_load/layer0/e0", "perf/tokens_per_s", "eval/eval/accuracy",
+                 "dynamics/parameter_variance/0", "dynamics/output_variance/1"):
         assert want in tags, (want, sorted(tags)[:20])
 
 
@@ -73,7 +76,7 @@ def test_plot_run_renders_the_dashboards(run, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_run.py"), str(run["dir"]), "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    for name in ("losses.png", "expert_load.png", "pad.png"):
+    for name in ("losses.png", "expert_load.png", "pad.png", "dynamics.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 
 

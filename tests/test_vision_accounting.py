@@ -92,3 +92,31 @@ def test_count_cli_prints_json_and_rejects_bad_input(capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
 
+
+
+def test_padmoe_count_routes_vision_names_and_vision_configs(capsys):
+    """``padmoe count`` (the deploy CLI) hands vision names and vision run configs to the vision accounting."""
+    from pad_moe.cli import main
+
+    assert main(["count", "resnet50", "--conv", "pad", "--kappa", "0.1", "--convention", "paper", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert f"{out['params'] / 1e6:.1f}M {out['macs'] / 1e9:.2f}G" == "33.8M 3.90G"
+    assert main(["count", "configs/vision_fmnist_resnet10.yaml", "--json"]) == 0
+    pad = json.loads(capsys.readouterr().out)
+    expected = count("resnet10", "pad", 0.1, image_size=28, in_chans=1, num_classes=10)  # partition.kappa = 0.1
+    assert (pad["params"], pad["macs"], pad["kappa"]) == (expected["params"], expected["macs"], 0.1)
+    assert main(["count", "configs/vision_fmnist_resnet10.yaml", "vision.conv=static", "--json"]) == 0
+    static = json.loads(capsys.readouterr().out)
+    assert static["params"] == count("resnet10", "static", image_size=28, in_chans=1, num_classes=10)["params"]
+    assert main(["count", "resnet50", "--conv", "bogus"]) == 2
+    assert "conv='bogus' is unknown" in capsys.readouterr().err
+
+
+def test_live_count_of_a_pad_dyconv_model_equals_the_vision_count():
+    """The trainer's summary (pad_moe.accounting.count_live) and padmoe count agree on a partitioned PAD ResNet."""
+    from pad_moe.accounting import count_live
+
+    model = create_model("resnet_debug", "pad", kappa=0.3, num_classes=10, in_chans=1, image_size=28)
+    live, counted = count_live(model), count_model(model, (1, 28, 28), 0.3)
+    assert (live["params_compact"], live["params_training"]) == (counted["params"], counted["params_training"])
+    assert live["params_compact"] < live["params_training"]

@@ -19,12 +19,13 @@ GEOMETRIES = [  # (kernel, stride, padding, groups)
 ]
 
 
-def _layer(cls, k, s, p, g, impl, seed=0, dtype=torch.float32):
+def _layer(cls, k, s, p, g, impl, seed=0, dtype=torch.float32, density=0.4):
     torch.manual_seed(seed)
     extra = {} if cls is CondConv2d else {"temperature": 2.0}
     layer = cls(6, 12 if g != 6 else 6, k, stride=s, padding=p, groups=g, impl=impl, **extra).to(dtype)
-    if cls is PadDynamicConv2d:
-        layer.set_masks({"weight": torch.rand(layer.kernel_shape, generator=torch.Generator().manual_seed(7)) < 0.4})
+    if cls is PadDynamicConv2d:  # density 0.4: the dense GEMM kernel build; 0.1: the sparse merge (see layers.py)
+        mask = torch.rand(layer.kernel_shape, generator=torch.Generator().manual_seed(7)) < density
+        layer.set_masks({"weight": mask})
         with torch.no_grad():
             layer.phi.fill_(0.3)  # λs ≠ λd
     return layer
@@ -47,11 +48,12 @@ def _paths(k, g):
     return ["grouped", "mix"] + (["bmm"] if k == 1 and g == 1 else [])
 
 
-@pytest.mark.parametrize("cls", [DynamicConv2d, CondConv2d, PadDynamicConv2d])
+@pytest.mark.parametrize("cls,density", [(DynamicConv2d, None), (CondConv2d, None), (PadDynamicConv2d, 0.4),
+                                         (PadDynamicConv2d, 0.1)])
 @pytest.mark.parametrize("k,s,p,g", GEOMETRIES)
-def test_kernel_paths_agree_forward_and_backward(cls, k, s, p, g):
+def test_kernel_paths_agree_forward_and_backward(cls, density, k, s, p, g):
     x = torch.randn(3, 6, 7, 7, generator=torch.Generator().manual_seed(1))
-    results = {impl: _run(_layer(cls, k, s, p, g, impl), x) for impl in _paths(k, g)}
+    results = {impl: _run(_layer(cls, k, s, p, g, impl, density=density), x) for impl in _paths(k, g)}
     (ref_y, ref_gx, ref_g), *others = results.values()
     for y, gx, grads in others:
         torch.testing.assert_close(y, ref_y, atol=ATOL, rtol=ATOL)
@@ -120,9 +122,10 @@ def test_pad_all_static_equals_a_static_conv_and_kernels_get_zero_gradient(impl)
         assert p.grad is None or p.grad.abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("density", [0.1, 0.4])
 @pytest.mark.parametrize("impl", ["grouped", "mix"])
-def test_pad_masked_entries_get_exactly_zero_gradient(impl):
-    layer = _layer(PadDynamicConv2d, 3, 1, 1, 1, impl)
+def test_pad_masked_entries_get_exactly_zero_gradient(impl, density):
+    layer = _layer(PadDynamicConv2d, 3, 1, 1, 1, impl, density=density)
     mask = layer.mask_weight.clone()
     layer(torch.randn(2, 6, 6, 6)).square().sum().backward()
     assert torch.count_nonzero(layer.static_weight.grad[mask]) == 0  # dynamic entries: W_s unused

@@ -3,7 +3,8 @@
     python tools/plot_run.py RUN_DIR [--out DIR]
 
 Writes DIR (default RUN_DIR/plots)/losses.png (train/task/aux loss, lr, eval metrics), expert_load.png (heat map:
-layer x expert share of tokens, averaged over the run) and pad.png (λs, λd and dynamic ratio per PAD layer).
+layer x expert share of tokens, averaged over the run), pad.png (λs, λd and dynamic ratio per PAD layer) and
+dynamics.png (paper Fig. 6: parameter and output variance across tokens per MoE layer, at each evaluation).
 """
 
 from __future__ import annotations
@@ -93,6 +94,17 @@ def plot(run_dir: str, out_dir: str) -> list[str]:
             _plot_lines(ax, series, [t for t in pad_tags if t.startswith(f"pad/{key}/")], key)
         fig.tight_layout()
         written.append(os.path.join(out_dir, "pad.png"))
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    dyn_tags = sorted(t for t in series if t.startswith("dynamics/"))
+    if dyn_tags:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key in zip(axes, ("parameter_variance", "output_variance")):
+            layers = [t for t in dyn_tags if t.startswith(f"dynamics/{key}/")]
+            _plot_lines(ax, series, layers, key)
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "dynamics.png"))
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written

@@ -19,3 +19,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # The offline default data (VADER sentences, MIT) from PyPI, once, into ~/.cache/pad_moe (or $PAD_MOE_CACHE).
 [ -f "${PAD_MOE_CACHE:-$HOME/.cache/pad_moe}/vader/vaderSentiment-3.3.2/pad_moe_manifest.json" ] || python -m pad_moe.data >/dev/null
+# The vision track's offline default data (Fashion-MNIST, MIT) is a Debian package; best effort (needs root and apt).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi
+  { $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; } \
+    || echo "setup_env: could not install dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist); vision configs on fashion_mnist need it" >&2
+fi

@@ -190,10 +190,23 @@ def count(arch: Arch, *, mode: Optional[str] = None, kappa: Optional[float] = No
             "dtype": dtype, "ffn_blocks": len(chosen), "ffn_params": ffn_all, "non_ffn_params": arch.total - ffn_all}
 
 
+def _is_vision(target: str) -> bool:
+    from pad_moe.vision.models import MODELS
+
+    return target in MODELS and not os.path.isfile(target)
+
+
 def count_main(argv: Optional[list[str]] = None) -> int:
     """``padmoe count NAME_OR_CONFIG [--mode static|moe|pad] [--kappa K] [--experts E] [--k K] [--granularity G]
-    [--convention ours|paper] [--dtype fp32] [--json] [key=value ...]``."""
-    p = argparse.ArgumentParser(prog="padmoe count", description=__doc__,
+    [--convention ours|paper] [--dtype fp32] [--json] [key=value ...]``; vision model names (``padmoe count resnet50
+    --conv pad --kappa 0.1``) go to ``pad_moe.vision.accounting.count_main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    target = next((a for a in argv if not a.startswith("-")), None)
+    if target is not None and _is_vision(target):
+        from pad_moe.vision.accounting import count_main as vision_count_main
+
+        return vision_count_main(argv)
+    p = argparse.ArgumentParser(prog="padmoe count", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", help=f"a preset ({', '.join(sorted(HF_PRESETS))}, debug, ...) or a run config YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides of a run config")
@@ -211,6 +224,16 @@ def count_main(argv: Optional[list[str]] = None) -> int:
     try:
         from pad_moe.switch.presets import switch_names
 
+        if os.path.isfile(args.target):
+            from pad_moe.config import load_config
+
+            cfg = load_config(args.target, list(args.overrides))
+            if cfg.model.arch == "vision":
+                from pad_moe.vision.accounting import count_vision_config, format_count
+
+                vision = count_vision_config(cfg)
+                print(json.dumps(vision) if args.json else format_count(vision))
+                return 0
         if args.target in switch_names():
             from pad_moe.switch.count import count_switch
 

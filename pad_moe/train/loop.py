@@ -87,6 +87,29 @@ def evaluate(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[st
     return results
 
 
+def dynamics_scalars(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[str, float]:
+    """Paper Fig. 6 per MoE layer over the first ``train.dynamics_batches`` eval micro-batches of every rank (all ranks
+    run the same forwards: all-to-all needs lockstep); empty for models without MoE layers."""
+    from pad_moe.analysis import dynamic_properties
+    from pad_moe.moe.layer import MoEFFN
+
+    n = cfg.train.dynamics_batches
+    if n == 0 or not job.eval_sets or not any(isinstance(m, MoEFFN) for m in job.model.modules()):
+        return {}
+    dataset = next(iter(job.eval_sets.values()))
+    micro = cfg.train.micro_batch_size
+
+    def run_forward():
+        for b in range(n):
+            idx = [((b * world + rank) * micro + j) % len(dataset) for j in range(micro)]
+            job.forward(engine, _to_device(job.collate([dataset[i] for i in idx]), engine.device))
+
+    engine.eval()
+    props = dynamic_properties(job.model, run_forward, reduce_sum=D.all_reduce_, gather_experts=D.gather_expert_rows)
+    engine.train()
+    return {f"dynamics/{key}/{i}": v for i, p in enumerate(props.values()) for key, v in p.items()}
+
+
 def pad_scalars(model) -> dict[str, float]:
     out = {}
     for i, (_, module) in enumerate(pad_modules(model)):
@@ -143,7 +166,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout and gate noise
     batches = MicroBatches(job.train_set, job.collate, cfg.train.micro_batch_size, rank, world, cfg.data.seed)
     accum = cfg.train.grad_accum
-    total_steps = cfg.train.steps or cfg.train.epochs * max(1, batches.per_epoch // accum)
+    steps_per_epoch = max(1, batches.per_epoch // accum)
+    total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
+    eval_every = cfg.train.eval_every or steps_per_epoch  # default: every epoch (and always at the end)
 
     record = None
     is_pad = any(True for _ in pad_modules(job.model))
@@ -172,7 +197,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     on_step = job.extras.get("on_step")  # e.g. the DY-Conv temperature, set per optimizer step
     for step in range(start_step, total_steps):
         if on_step is not None:
-            on_step(job.model, step, max(1, batches.per_epoch // accum))
+            on_step(job.model, step, steps_per_epoch)
         if is_pad and cfg.partition.enabled and record is None and step == cfg.partition.warmup_steps:
             record = run_partition(job, cfg, batches, engine)
             state.save_run_partition(cfg.run_dir, job.model, record, rank)
@@ -201,17 +226,19 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             _log(monitor, engine, job, window, loads, done, world)
             window = {k: 0.0 if k != "t" else time.time() for k in window}
             loads = []
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total_steps:
-            _log_eval(monitor, evaluate(engine, job, cfg, rank, world), done)
+        if done % eval_every == 0 and done != total_steps:
+            _log_eval(monitor, evaluate(engine, job, cfg, rank, world), done, dynamics_scalars(engine, job, cfg, rank,
+                                                                                               world))
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != total_steps:
             state.save_checkpoint(engine, cfg.run_dir, done, rank, record)
     bar.close()
     metrics = evaluate(engine, job, cfg, rank, world)
-    _log_eval(monitor, metrics, total_steps)
+    dynamics = dynamics_scalars(engine, job, cfg, rank, world)
+    _log_eval(monitor, metrics, total_steps, dynamics)
     state.save_checkpoint(engine, cfg.run_dir, total_steps, rank, record)
     summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
                "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
-               "wall_time_s": time.time() - t0, "partition": record,
+               "wall_time_s": time.time() - t0, "partition": record, "dynamics": dynamics,
                **count_live(job.model, cfg.moe.ep_size)}
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
@@ -244,7 +271,8 @@ def _log(monitor, engine, job, window, loads, step, world) -> None:
     monitor.write_events(events)
 
 
-def _log_eval(monitor, metrics: dict, step: int) -> None:
+def _log_eval(monitor, metrics: dict, step: int, dynamics: dict[str, float]) -> None:
     if monitor is None:
         return
-    monitor.write_events([(f"eval/{split}/{k}", v, step) for split, m in metrics.items() for k, v in m.items()])
+    monitor.write_events([(f"eval/{split}/{k}", v, step) for split, m in metrics.items() for k, v in m.items()]
+                         + [(k, v, step) for k, v in dynamics.items()])

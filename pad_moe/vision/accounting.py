@@ -207,11 +207,25 @@ def _si(value: float) -> str:
     return f"{value:g}"
 
 
+def count_vision_config(cfg) -> dict:
+    """Count the model a vision run config trains: ``cfg.vision`` as built, PAD at ``partition.kappa`` (the ratio IMP
+    will leave) unless partitioning is off."""
+    v = cfg.vision
+    kwargs = v.model_kwargs()
+    kappa = kwargs.pop("kappa")
+    if v.conv == "pad" and cfg.partition.enabled:
+        kappa = cfg.partition.kappa
+    image_size, in_chans, num_classes = kwargs.pop("image_size"), kwargs.pop("in_chans"), kwargs.pop("num_classes")
+    return count(v.model, v.conv, kappa, "ours", image_size=image_size, in_chans=in_chans, num_classes=num_classes,
+                 **kwargs)
+
+
 def count_main(argv: list[str] | None = None) -> int:
     """``padmoe count NAME --conv ... [--kappa ...] [--convention paper] [--json]``; bad input: one line, exit 2."""
     from pad_moe.vision.models import list_models
 
-    p = argparse.ArgumentParser(prog="padmoe count", description="parameters and multiply-adds of a vision model")
+    p = argparse.ArgumentParser(prog="padmoe count", description="parameters and multiply-adds of a vision model",
+                                allow_abbrev=False)
     p.add_argument("name", help=f"one of {', '.join(list_models())}")
     p.add_argument("--conv", default="static", help=f"one of {', '.join(CONV_TYPES)}")
     p.add_argument("--kappa", type=float, default=None, help="dynamic ratio of conv=pad (default: all dynamic)")
