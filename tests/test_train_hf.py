@@ -50,6 +50,23 @@ def test_upcycled_hf_model_trains_partitions_after_warmup_and_checkpoints(hf_run
     assert "accuracy" in s["eval"]["validation"]
 
 
+def test_hf_run_evaluates_every_epoch_and_logs_dynamic_properties(hf_run):
+    """6 training sentences, 2 ranks x 2 per micro-batch: an epoch is 1 step, so eval (and Fig. 6 scalars) each step."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = {}
+    for f in glob.glob(str(hf_run["out"] / "hf" / "tensorboard" / "**" / "events.out.tfevents.*"), recursive=True):
+        acc = EventAccumulator(f)
+        acc.Reload()
+        for tag in ("eval/validation/accuracy", "dynamics/parameter_variance/0"):
+            if tag in acc.Tags()["scalars"]:
+                steps.setdefault(tag, set()).update(e.step for e in acc.Scalars(tag))
+    assert steps["eval/validation/accuracy"] == set(range(1, 9))
+    assert steps["dynamics/parameter_variance/0"] == set(range(1, 9))
+
+
 def test_hf_resume_reproduces_the_losses(hf_run):
     run_dir = hf_run["out"] / "hf"
     shutil.rmtree(run_dir / "checkpoints" / "step8")

@@ -67,6 +67,22 @@ def aggregate(results: list[tuple[str, str, float | None, int, dict]]) -> str:
     return "\n".join(lines)
 
 
+def collect(out: str) -> list[tuple[str, str, float | None, int, dict]]:
+    """Every finished cell under ``out`` (run directories named by run_cell)."""
+    import re
+
+    results = []
+    for name in sorted(os.listdir(out)):
+        m = re.fullmatch(r"(.+)-(static|moe|pad)(?:-k([0-9.]+))?-s(\d+)", name)
+        path = os.path.join(out, name, "summary.json")
+        if m and os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+            results.append((m[1], m[2], float(m[3]) if m[3] else None, int(m[4]), summary))
+    order = {"static": 0, "moe": 1, "pad": 2}
+    return sorted(results, key=lambda r: (r[0], order[r[1]], -(r[2] or 0), r[3]))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/minilm_vader.yaml")
@@ -77,7 +93,11 @@ def main(argv=None) -> int:
     p.add_argument("--main-kappa", type=float, default=0.5)
     p.add_argument("--sweep-task", default=None, help="run the κ sweep on this task only")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="only aggregate the finished cells under --out")
     args = p.parse_args(argv)
+    if args.report:
+        print(aggregate(collect(args.out)))
+        return 0
     os.makedirs(args.out, exist_ok=True)
     results = []
     for task, mode, kappa, seed in cells(args.tasks, args.seeds, args.kappas, args.main_kappa, args.sweep_task):
