@@ -42,6 +42,22 @@ def _plot_lines(ax, series, tags, title):
         ax.legend(fontsize=7)
 
 
+def _panels(series, prefix: str, keys: tuple[str, ...], path: str) -> str | None:
+    """One panel per key, one line per layer (tags ``prefix/key/layer``); None when the run has no such tags."""
+    import matplotlib.pyplot as plt
+
+    tags = sorted(t for t in series if t.startswith(f"{prefix}/"))
+    if not tags:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for ax, key in zip(axes, keys):
+        _plot_lines(ax, series, [t for t in tags if t.startswith(f"{prefix}/{key}/")], key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(run_dir: str, out_dir: str) -> list[str]:
     import matplotlib
 
@@ -87,26 +103,11 @@ def plot(run_dir: str, out_dir: str) -> list[str]:
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
-    pad_tags = sorted(t for t in series if t.startswith("pad/"))
-    if pad_tags:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for ax, key in zip(axes, ("lambda_s", "lambda_d", "dynamic_ratio")):
-            _plot_lines(ax, series, [t for t in pad_tags if t.startswith(f"pad/{key}/")], key)
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, "pad.png"))
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-
-    dyn_tags = sorted(t for t in series if t.startswith("dynamics/"))
-    if dyn_tags:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, key in zip(axes, ("parameter_variance", "output_variance")):
-            layers = [t for t in dyn_tags if t.startswith(f"dynamics/{key}/")]
-            _plot_lines(ax, series, layers, key)
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, "dynamics.png"))
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+    for prefix, keys, name in (("pad", ("lambda_s", "lambda_d", "dynamic_ratio"), "pad.png"),
+                               ("dynamics", ("parameter_variance", "output_variance"), "dynamics.png")):
+        path = _panels(series, prefix, keys, os.path.join(out_dir, name))
+        if path:
+            written.append(path)
     return written
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pad_moe.vision.layers import CondConv2d, DynamicConv2d, KernelMixtureConv2d, PadDynamicConv2d
-from pad_moe.vision.models import CONV_TYPES, create_model, dynamic_entry_count
+from pad_moe.vision.models import CONV_TYPES, check_conv, create_model, dynamic_entry_count
 
 CONVENTIONS = ("ours", "paper")
 
@@ -177,12 +177,7 @@ def count(name: str, conv: str = "static", kappa: float | None = None, conventio
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention={convention!r} is unknown; choose one of {', '.join(CONVENTIONS)}")
-    if conv not in CONV_TYPES:
-        raise ValueError(f"conv={conv!r} is unknown; choose one of {', '.join(CONV_TYPES)}")
-    if kappa is not None and conv != "pad":
-        raise ValueError(f"kappa={kappa} applies to conv='pad' only, got conv={conv!r}")
-    if kappa is not None and not 0 < kappa <= 1:
-        raise ValueError(f"kappa={kappa} must be in (0, 1]")
+    check_conv(conv, kappa)
     if convention == "paper":
         result = _paper_count(name, conv, kappa)
     else:

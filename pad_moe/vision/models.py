@@ -220,6 +220,16 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+def check_conv(conv: str, kappa: float | None) -> None:
+    """A known conv type, and κ in (0, 1] only for PAD (ValueError naming the value otherwise)."""
+    if conv not in CONV_TYPES:
+        raise ValueError(f"conv={conv!r} is unknown; choose one of {', '.join(CONV_TYPES)}")
+    if kappa is not None and conv != "pad":
+        raise ValueError(f"kappa={kappa} applies to conv='pad' only, got conv={conv!r}")
+    if kappa is not None and not 0 < kappa <= 1:
+        raise ValueError(f"kappa={kappa} must be in (0, 1]")
+
+
 def create_model(name: str, conv: str = "static", *, kappa: float | None = None, num_classes: int = 1000,
                  in_chans: int = 3, image_size: int = 224, num_kernels: int | None = None, reduction: int = 4,
                  temperature: float = 30.0, width_mult: float = 1.0, impl: str = "auto", scale_mode: str = "both",
@@ -233,12 +243,7 @@ def create_model(name: str, conv: str = "static", *, kappa: float | None = None,
     """
     if name not in MODELS:
         raise ValueError(f"model {name!r} is unknown; choose one of {', '.join(list_models())}")
-    if conv not in CONV_TYPES:
-        raise ValueError(f"conv={conv!r} is unknown; choose one of {', '.join(CONV_TYPES)}")
-    if kappa is not None and conv != "pad":
-        raise ValueError(f"kappa={kappa} applies to conv='pad' only, got conv={conv!r}")
-    if kappa is not None and not 0 < kappa <= 1:
-        raise ValueError(f"kappa={kappa} must be in (0, 1]")
+    check_conv(conv, kappa)
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r} is unknown; choose one of {', '.join(STEMS)}")
     if impl not in IMPLS:
