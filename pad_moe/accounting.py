@@ -14,6 +14,11 @@ from torch import nn
 from pad_moe.moe.layer import PadMoE
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Full size of a parameter, also when ZeRO-3 has partitioned it (then ``p.numel()`` is this rank's share or 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def _is_expert(p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False
 
@@ -24,22 +29,22 @@ def count_live(model: nn.Module, ep_size: int = 1) -> dict[str, int]:
     Per-expert masks are counted from this rank's experts and scaled by ep_size (exact when every expert-parallel rank
     has the same number of dynamic entries; the trainer all-reduces the exact figure when it matters).
     """
-    training = sum(p.numel() * (ep_size if _is_expert(p) else 1) for p in model.parameters())
+    training = sum(_numel(p) * (ep_size if _is_expert(p) else 1) for p in model.parameters())
     compact = training
     from pad_moe.vision.layers import PadDynamicConv2d
 
     for module in model.modules():
         if isinstance(module, PadDynamicConv2d):
             mask = module.weight_masks()["weight"]
-            dynamic, kernels = int(mask.sum()), module.weight.shape[0]
+            dynamic, kernels = int(mask.sum()), module.num_kernels
             compact -= dynamic + kernels * (mask.numel() - dynamic)  # W_s where M=1, the K kernels where M=0
             continue
         if not isinstance(module, PadMoE) or module.compacted:
             continue
         static = dict(module.static.named_parameters())
         experts = module.local_experts
-        full_global = sum(p.numel() for p in static.values()) + ep_size * sum(
-            p.numel() for e in experts for p in e.parameters())
+        full_global = sum(_numel(p) for p in static.values()) + ep_size * sum(
+            _numel(p) for e in experts for p in e.parameters())
         kept_static, kept_dynamic = 0, 0
         holders = ([""] if module.mask_sharing == "layer"
                    else [f"e{gid}." for gid in module.global_expert_ids])

@@ -9,8 +9,7 @@ from pad_moe.testing.ranks import run_ranks
 STEPS, SAVE_AT, MICRO, STEPS_PER_EPOCH = 6, 3, 8, 3
 
 
-def _engine(world):
-    import deepspeed
+def _reference_model():
     import torch
     from torch import nn
 
@@ -23,6 +22,14 @@ def _engine(world):
                           DynamicConv2d(8, 16, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
     init_weights(model)
     random_masks(model, 0.5, seed=0)
+    return model
+
+
+def _engine(world):
+    import deepspeed
+    import torch
+
+    model = _reference_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-4)
     config = {
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1, "train_batch_size": MICRO * world,
@@ -66,7 +73,10 @@ def _train_and_resume(rank, world, save_dir):
     dataset = ImageDataset(raw, labels, (0.5,), (0.25,))
     images = __import__("torch").stack([dataset[i][0] for i in range(len(dataset))])
 
+    from pad_moe.accounting import count_live
+
     engine = _engine(world)
+    counted = count_live(engine.module)  # ZeRO-3 has partitioned every parameter: counts must use the full sizes
     full = _run(engine, TemperatureSchedule(30, 1, 1), images, labels, rank, world, 0, STEPS, save_dir)
     masks = [m.mask_weight.clone() for _, m in pad_modules(engine.module)]
 
@@ -79,7 +89,7 @@ def _train_and_resume(rank, world, save_dir):
     resumed = _run(resumed_engine, schedule, images, labels, rank, world, schedule.last_step + 1, STEPS)
     same_masks = all((a == m.mask_weight).all().item()
                      for a, (_, m) in zip(masks, pad_modules(resumed_engine.module)))
-    return {"full": full, "resumed": resumed, "same_masks": same_masks, "files": sorted(os.listdir(
+    return {"full": full, "resumed": resumed, "same_masks": same_masks, "counted": counted, "files": sorted(os.listdir(
         os.path.join(save_dir, f"step{SAVE_AT}")))}
 
 
@@ -92,3 +102,7 @@ def test_two_rank_zero3_training_decreases_loss_checkpoints_and_resumes_exactly(
     assert len(resumed) == STEPS - SAVE_AT
     assert resumed == full[SAVE_AT:], (resumed, full)
     assert results[0]["same_masks"] and results[1]["same_masks"]
+    from pad_moe.accounting import count_live
+
+    reference = _reference_model()
+    assert results[0]["counted"] == results[1]["counted"] == count_live(reference)
