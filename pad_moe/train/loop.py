@@ -87,6 +87,14 @@ def evaluate(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[st
     return results
 
 
+def evaluate_all(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> tuple[dict, dict[str, float]]:
+    """Eval metrics and Fig. 6 scalars, with the RNG left as it was: evaluation must not change training (DeepSpeed's
+    top-2 gate samples its second expert from the global RNG even in eval mode), so runs with different eval
+    schedules, and a resumed run, follow the same trajectory."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        return evaluate(engine, job, cfg, rank, world), dynamics_scalars(engine, job, cfg, rank, world)
+
+
 def dynamics_scalars(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[str, float]:
     """Paper Fig. 6 per MoE layer over the first ``train.dynamics_batches`` eval micro-batches of every rank (all ranks
     run the same forwards: all-to-all needs lockstep); empty for models without MoE layers."""
@@ -182,6 +190,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             module.compact_()
 
     engine, _ = D.initialize_engine(job.model, cfg, world, total_steps)
+    engine.train()  # from_pretrained returns models in eval mode: dropout would stay off until the first evaluation
     start_step = 0
     if resume:
         start_step = state.load_checkpoint(engine, cfg.run_dir, rank)
@@ -227,14 +236,12 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             window = {k: 0.0 if k != "t" else time.time() for k in window}
             loads = []
         if done % eval_every == 0 and done != total_steps:
-            _log_eval(monitor, evaluate(engine, job, cfg, rank, world), done, dynamics_scalars(engine, job, cfg, rank,
-                                                                                               world))
+            _log_eval(monitor, *evaluate_all(engine, job, cfg, rank, world), done)
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != total_steps:
             state.save_checkpoint(engine, cfg.run_dir, done, rank, record)
     bar.close()
-    metrics = evaluate(engine, job, cfg, rank, world)
-    dynamics = dynamics_scalars(engine, job, cfg, rank, world)
-    _log_eval(monitor, metrics, total_steps, dynamics)
+    metrics, dynamics = evaluate_all(engine, job, cfg, rank, world)
+    _log_eval(monitor, metrics, dynamics, total_steps)
     state.save_checkpoint(engine, cfg.run_dir, total_steps, rank, record)
     summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
                "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
@@ -271,7 +278,7 @@ def _log(monitor, engine, job, window, loads, step, world) -> None:
     monitor.write_events(events)
 
 
-def _log_eval(monitor, metrics: dict, step: int, dynamics: dict[str, float]) -> None:
+def _log_eval(monitor, metrics: dict, dynamics: dict[str, float], step: int) -> None:
     if monitor is None:
         return
     monitor.write_events([(f"eval/{split}/{k}", v, step) for split, m in metrics.items() for k, v in m.items()]
