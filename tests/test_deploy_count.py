@@ -69,6 +69,8 @@ def test_json_output_and_bad_input(capsys):
     assert out["params_M"] == "308.0M" and out["params"] < out["params_training"] and out["bytes"] > 4 * out["params"]
     assert count_main(["debug", "--granularity", "neuron"]) == 0
     assert "compact" in capsys.readouterr().out
+    assert count_main(["toy-bert-ffn", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "toy-bert-ffn"  # a preset is named as given
     for argv in (["no-such-model"], ["bert-base", "--kappa", "0"], ["bert-base", "--experts", "2", "--k", "3"]):
         assert count_main(argv) == 2
         err = capsys.readouterr().err

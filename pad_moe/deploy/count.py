@@ -86,7 +86,8 @@ def resolve(name_or_config: str, overrides: tuple[str, ...] = ()) -> Arch:
     model, sites = _config_model(cfg)
     pad = cfg.moe.mode == "pad"
     kappa = cfg.partition.kappa if pad and cfg.partition.enabled else 1.0
-    return Arch(cfg.name, _unique_params(model), sites,
+    name = cfg.name if os.path.isfile(name_or_config) else name_or_config  # a preset: its own name, not the default's
+    return Arch(name, _unique_params(model), sites,
                 {"mode": cfg.moe.mode, "num_experts": cfg.moe.num_experts, "k": cfg.moe.k, "kappa": kappa,
                  "granularity": cfg.moe.granularity, "every": cfg.moe.every, "scale_mode": cfg.moe.scale_mode,
                  "static_dropped": pad and cfg.partition.enabled and cfg.partition.method == "moe_p",
