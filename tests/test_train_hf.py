@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from test_train_launch import ROOT, launch, padmoe
 
 FIXTURES = f"{ROOT}/tests/fixtures/data"
@@ -18,8 +19,11 @@ def tiny_bert(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    # no dropout: 8 steps on 6 sentences must show the loss falling (with dropout the curve is flat at this size)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
