@@ -4,6 +4,7 @@ vision config and job, and one-line errors for bad input."""
 import gzip
 import os
 import pickle
+import random
 import struct
 
 import numpy as np
@@ -96,7 +97,11 @@ def test_cifar10_batches_load_and_corrupt_ones_fail_clearly(tmp_path):
     images, labels = load_cifar10(str(tmp_path), "train")
     assert images.shape == (8, 3, 32, 32) and labels.shape == (8,)
     assert load_cifar10(str(tmp_path), "test")[0].shape == (3, 3, 32, 32)
-    (tmp_path / "garbage").write_bytes(os.urandom(64))
+    for seed in range(50):  # arbitrary bytes: every way they fail to unpickle is one clear DataError
+        (tmp_path / "garbage").write_bytes(random.Random(seed).randbytes(64))
+        with pytest.raises(DataError, match="not a (readable )?CIFAR-10 batch"):
+            read_cifar_batch(str(tmp_path / "garbage"))
+    (tmp_path / "garbage").write_bytes(b"\x80\x04X\xff\xff\xff\xff\xff\xff\xff\x7f")  # a 4 GiB string in 12 bytes
     with pytest.raises(DataError, match="not a readable CIFAR-10 batch"):
         read_cifar_batch(str(tmp_path / "garbage"))
     _cifar_batch(tmp_path / "wrong_shape", 0, {b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]})

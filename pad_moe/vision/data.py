@@ -101,8 +101,8 @@ def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as err:
-        raise DataError(f"{path} is not a readable CIFAR-10 batch: {err}") from None
+    except Exception as err:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways (Overflow-, Memory-, KeyError...)
+        raise DataError(f"{path} is not a readable CIFAR-10 batch: {type(err).__name__}: {err}") from None
     if not isinstance(batch, dict):
         raise DataError(f"{path} is not a CIFAR-10 batch (holds {type(batch).__name__}, expected a dict)")
     data = batch.get(b"data", batch.get("data"))
