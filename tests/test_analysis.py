@@ -78,7 +78,8 @@ def dynamics_worker(rank, world):
 
 def test_two_expert_parallel_ranks_give_the_single_process_dynamic_properties():
     """ep_size=2 on 2 gloo ranks, each with half of the tokens: moments all-reduced, expert weights all-gathered;
-    equal (1e-6 relative: float32 outputs) to one process holding all experts and seeing both halves (two forwards accumulate)."""
+    equal (1e-6 relative: float32 outputs) to one process holding all experts and seeing both halves (two forwards
+    accumulate)."""
     from pad_moe.testing.ranks import run_ranks
 
     layer = _layer(1, 0)
