@@ -56,6 +56,12 @@ def _loss(job: Job, model, batch: Batch, aux_coef: float):
     return task + aux_coef * aux, task, aux
 
 
+def _eval_batch(job: Job, dataset, b: int, rank: int, world: int, micro: int, device) -> Batch:
+    """This rank's share of global eval micro-batch b: examples (b·world + rank)·micro + j, wrapping past the end."""
+    first = (b * world + rank) * micro
+    return _to_device(job.collate([dataset[(first + j) % len(dataset)] for j in range(micro)]), device)
+
+
 def evaluate(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[str, dict[str, float]]:
     """Metrics on every eval set. Every rank runs the same number of forwards (all-to-all needs lockstep): the set is
     padded to a multiple of micro*world and the padding is dropped before the metric."""
@@ -68,9 +74,8 @@ def evaluate(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[st
         padded = -(-n // chunk) * chunk
         preds, labels = [], []
         with torch.no_grad():
-            for start in range(0, padded, chunk):
-                idx = [(start + rank * micro + j) % n for j in range(micro)]
-                batch = _to_device(job.collate([dataset[i] for i in idx]), engine.device)
+            for b in range(padded // chunk):
+                batch = _eval_batch(job, dataset, b, rank, world, micro, engine.device)
                 logits, _ = job.forward(engine, batch)
                 preds.append(job.predictions(logits).float())
                 labels.append(batch["labels"].float())
@@ -109,8 +114,7 @@ def dynamics_scalars(engine, job: Job, cfg: RunConfig, rank: int, world: int) ->
 
     def run_forward():
         for b in range(n):
-            idx = [((b * world + rank) * micro + j) % len(dataset) for j in range(micro)]
-            job.forward(engine, _to_device(job.collate([dataset[i] for i in idx]), engine.device))
+            job.forward(engine, _eval_batch(job, dataset, b, rank, world, micro, engine.device))
 
     engine.eval()
     props = dynamic_properties(job.model, run_forward, reduce_sum=D.all_reduce_, gather_experts=D.gather_expert_rows)
