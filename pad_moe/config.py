@@ -14,21 +14,13 @@ from typing import Any, Optional
 
 import yaml
 
+from pad_moe.checks import at_least as _at_least
+from pad_moe.checks import choice as _choice
 from pad_moe.moe.ffn import ACTIVATIONS
 from pad_moe.moe.layer import MASK_SHARING, MODES
 from pad_moe.pad.granularity import GRANULARITIES
 from pad_moe.pad.mixing import SCALE_MODES
 from pad_moe.vision.config import VisionConfig
-
-
-def _choice(owner: str, name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{owner}.{name}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
-
-
-def _at_least(owner: str, name: str, value, low) -> None:
-    if value is None or value < low:
-        raise ValueError(f"{owner}.{name}={value!r} must be >= {low}")
 
 
 @dataclass

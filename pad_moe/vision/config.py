@@ -5,15 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from pad_moe.checks import at_least as _at_least
+from pad_moe.checks import require as _require
 from pad_moe.pad.mixing import SCALE_MODES
 from pad_moe.vision.data import DATASETS
 from pad_moe.vision.kernels import IMPLS
 from pad_moe.vision.models import CONV_TYPES, MODELS
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclass
@@ -80,19 +77,19 @@ class VisionConfig:
         _require(self.impl in IMPLS, f"{o}.impl={self.impl!r} is unknown; choose one of {', '.join(IMPLS)}")
         _require(self.scale_mode in SCALE_MODES, f"{o}.scale_mode={self.scale_mode!r} is unknown; choose one of "
                                                  f"{', '.join(SCALE_MODES)}")
-        _require(self.num_kernels is None or self.num_kernels >= 1, f"{o}.num_kernels={self.num_kernels} must be >= 1")
-        for name in ("reduction", "in_chans", "image_size"):
-            _require(getattr(self, name) >= 1, f"{o}.{name}={getattr(self, name)} must be >= 1")
-        _require(self.num_classes >= 2, f"{o}.num_classes={self.num_classes} must be >= 2")
+        if self.num_kernels is not None:
+            _at_least(o, "num_kernels", self.num_kernels, 1)
+        for name in ("reduction", "in_chans"):
+            _at_least(o, name, getattr(self, name), 1)
+        _at_least(o, "num_classes", self.num_classes, 2)
         _require(self.image_size >= 8, f"{o}.image_size={self.image_size} must be >= 8 (ResNets downsample 8x)")
         _require(self.temperature_start > 0 and self.temperature_end > 0,
                  f"{o}.temperature_start={self.temperature_start} and {o}.temperature_end={self.temperature_end} "
                  "must be > 0")
-        _require(self.temperature_epochs >= 0, f"{o}.temperature_epochs={self.temperature_epochs} must be >= 0")
+        _at_least(o, "temperature_epochs", self.temperature_epochs, 0)
         _require(self.width_mult > 0, f"{o}.width_mult={self.width_mult} must be > 0")
-        _require(self.train_limit >= 0 and self.eval_limit >= 0,
-                 f"{o}.train_limit={self.train_limit} and {o}.eval_limit={self.eval_limit} must be >= 0")
-        _require(self.crop_padding >= 0, f"{o}.crop_padding={self.crop_padding} must be >= 0")
+        for name in ("train_limit", "eval_limit", "crop_padding"):
+            _at_least(o, name, getattr(self, name), 0)
         _require(0 <= self.label_smoothing < 1, f"{o}.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.init_kappa is not None:
             _require(self.conv == "pad", f"{o}.init_kappa={self.init_kappa} needs {o}.conv=pad, got {self.conv}")
