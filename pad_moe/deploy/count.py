@@ -78,15 +78,18 @@ def resolve(name_or_config: str, overrides: tuple[str, ...] = ()) -> Arch:
                      "scale_mode": "both", "static_dropped": False, "compacted": False})
     if os.path.isfile(name_or_config):
         cfg = load_config(name_or_config, list(overrides))
-    elif name_or_config in MODEL_PRESETS:
-        cfg = load_config(None, [f"model.preset={name_or_config}", *overrides])
-    else:
-        raise UsageError(f"{name_or_config!r} is neither a config file nor a preset; presets: "
-                         f"{', '.join(sorted(set(HF_PRESETS) | set(MODEL_PRESETS)))}")
+        return config_arch(cfg, cfg.name)
+    if name_or_config in MODEL_PRESETS:  # a preset is reported under its own name, not the default config's
+        return config_arch(load_config(None, [f"model.preset={name_or_config}", *overrides]), name_or_config)
+    raise UsageError(f"{name_or_config!r} is neither a config file nor a preset; presets: "
+                     f"{', '.join(sorted(set(HF_PRESETS) | set(MODEL_PRESETS)))}")
+
+
+def config_arch(cfg, name: str) -> Arch:
+    """The Arch of a resolved run config, reported under ``name``."""
     model, sites = _config_model(cfg)
     pad = cfg.moe.mode == "pad"
     kappa = cfg.partition.kappa if pad and cfg.partition.enabled else 1.0
-    name = cfg.name if os.path.isfile(name_or_config) else name_or_config  # a preset: its own name, not the default's
     return Arch(name, _unique_params(model), sites,
                 {"mode": cfg.moe.mode, "num_experts": cfg.moe.num_experts, "k": cfg.moe.k, "kappa": kappa,
                  "granularity": cfg.moe.granularity, "every": cfg.moe.every, "scale_mode": cfg.moe.scale_mode,
@@ -225,7 +228,8 @@ def count_main(argv: Optional[list[str]] = None) -> int:
     try:
         from pad_moe.switch.presets import switch_names
 
-        if os.path.isfile(args.target):
+        arch = None
+        if os.path.isfile(args.target):  # a run config: load it once, count a vision model or build its Arch
             from pad_moe.config import load_config
 
             cfg = load_config(args.target, list(args.overrides))
@@ -235,13 +239,14 @@ def count_main(argv: Optional[list[str]] = None) -> int:
                 vision = count_vision_config(cfg)
                 print(json.dumps(vision) if args.json else format_count(vision))
                 return 0
-        if args.target in switch_names():
+            arch = config_arch(cfg, cfg.name)
+        if arch is None and args.target in switch_names():
             from pad_moe.switch.count import count_switch
 
             result = count_switch(args.target, args.mode or "moe", 0.5 if args.kappa is None else args.kappa,
                                   args.experts, dtype=args.dtype)
         else:
-            result = count(resolve(args.target, tuple(args.overrides)), mode=args.mode, kappa=args.kappa,
+            result = count(arch or resolve(args.target, tuple(args.overrides)), mode=args.mode, kappa=args.kappa,
                            experts=args.experts, k=args.k, granularity=args.granularity,
                            convention=args.convention, dtype=args.dtype, pad_static=args.pad_static)
     except ValueError as err:
