@@ -1,5 +1,7 @@
 """IMP on 2 real gloo ranks (one spawn runs every scenario), compared with one process holding all data and experts.
 
+CASES run nested IMP (the default); RESCORE_CASES the same selection with nested=False (every round re-scores all).
+
 Each rank scores half of every global batch; with ep_size=2 each rank holds 2 of the 4 experts. The single-process
 reference is the same model at ep_size=1 (same seeds, so the same weights) given the whole batches. Masks must be
 identical; per-expert masks are merged from the ranks that hold them.
@@ -23,6 +25,7 @@ WORLD = 2
 CASES = [("layer", 1, "global", "snip"), ("expert", 1, "global", "snip"), ("layer", 2, "global", "snip"),
          ("expert", 2, "global", "snip"), ("expert", 2, "layer", "snip"), ("layer", 2, "global", "magnitude"),
          ("mixed", 2, "global", "snip"), ("mixed", 2, "layer", "snip"), ("expert", 2, "global", "random")]
+RESCORE_CASES = [("mixed", 2, "layer", "snip"), ("expert", 2, "global", "snip")]
 MIXED = ("layer", "expert")  # layer 0 replicated masks (counted once), layer 1 per-expert masks
 IMP = dict(kappa=0.3, iterations=3)
 
@@ -48,7 +51,7 @@ def shard(batches, rank):
 def _worker(rank, world, batches, save_dir):
     from pad_moe.partition import collectives as C
 
-    out = {"kth": [], "cases": {}, "errors": {}}
+    out = {"kth": [], "cases": {}, "rescore": {}, "errors": {}}
     values = tricky_values(1001, 7)  # every rank builds the whole vector, then keeps its (uneven) part
     mine = values[:600] if rank == 0 else values[600:]
     for k in (1, 250, 500, 1000, 1001):
@@ -60,6 +63,10 @@ def _worker(rank, world, batches, save_dir):
         out["cases"][(sharing, ep, scope, scorer)] = keyed_masks(model)
         if (sharing, ep, scope, scorer) == ("expert", 2, "global", "snip"):
             save_partition(save_dir, model, {"method": "imp", "kappa": IMP["kappa"]})
+    for sharing, ep, scope, scorer in RESCORE_CASES:
+        model = build(sharing, ep, rank)
+        iterative_mode_partition(model, shard(batches, rank), mse_loss, scope=scope, scorer=scorer, nested=False, **IMP)
+        out["rescore"][(sharing, ep, scope, scorer)] = keyed_masks(model)
     out["engine"] = _engine_case(rank, batches)
     uneven = shard(batches, rank)[:rank + 1]
     out["errors"]["batches"] = _error(iterative_mode_partition, build("layer", 1, rank), uneven, mse_loss, **IMP)
@@ -104,9 +111,10 @@ def ranks(save_dir):
     return run_ranks(_worker, WORLD, make_batches(4, tokens=16), save_dir)
 
 
-def reference(sharing, scope, scorer):
+def reference(sharing, scope, scorer, nested=True):
     model = build(sharing, 1, 0)
-    iterative_mode_partition(model, make_batches(4, tokens=16), mse_loss, scope=scope, scorer=scorer, **IMP)
+    iterative_mode_partition(model, make_batches(4, tokens=16), mse_loss, scope=scope, scorer=scorer, nested=nested,
+                             **IMP)
     return {k: torch.from_numpy(v) for k, v in keyed_masks(model).items()}
 
 
@@ -134,6 +142,17 @@ def test_two_ranks_match_one_process(ranks, case):
     assert got.keys() == expected.keys()
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("case", RESCORE_CASES, ids=["-".join(map(str, c)) for c in RESCORE_CASES])
+def test_two_ranks_match_one_process_without_nesting(ranks, case):
+    sharing, ep, scope, scorer = case
+    got = merged([r["rescore"][case] for r in ranks])
+    expected = reference(sharing, scope, scorer, nested=False)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    assert any(not torch.equal(got[k], merged([r["cases"][case] for r in ranks])[k]) for k in got)  # not nested
 
 
 def test_masks_saved_by_two_ranks_load_into_one(ranks, save_dir):

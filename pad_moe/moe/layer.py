@@ -11,9 +11,11 @@ process groups that ``deepspeed.initialize`` attaches; pass ``ep_rank`` so local
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
+from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
 from torch import nn
 
@@ -23,6 +25,43 @@ from pad_moe.pad.protocol import PadMaskMixin
 MODES = ("static", "moe", "pad")
 MASK_SHARING = ("layer", "expert")
 NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
+
+
+@contextlib.contextmanager
+def eval_routing(gate: nn.Module):
+    """Deterministic routing while DeepSpeed's ``TopKGate`` is in eval mode; in training mode nothing changes.
+
+    DeepSpeed samples in two places whatever the mode: the second expert of top-2 (Gumbel noise,
+    ``top2_2nd_expert_sampling``) and, when a top-1 expert overflows, the tokens it keeps (``use_rts``; without it
+    ``torch.topk`` breaks the ties in no specified order). Its Jitter and RSample noise already follow
+    ``gate.training``. In eval mode the second expert is the argmax of the remaining logits and an overflowing top-1
+    expert keeps its first tokens in order (top-2 drops are in order already): the routing of the deploy router
+    (``pad_moe.deploy.compact.Router``). The gate's own flags are the configuration and are restored on exit.
+    """
+    if gate.training:
+        yield
+        return
+    saved = gate.use_rts, gate.top2_2nd_expert_sampling
+    cache = sharded_moe.exp_selection_uniform_map  # device -> the sampler RTS multiplies the (S, E) route mask by
+    device = gate.wg.weight.device  # the device of the logits, the cache's key
+    previous = cache.get(device)
+
+    def first_tokens_first(shape):  # (S, E): S, S-1, ..., 1 down the tokens, distinct, so topk keeps the earliest
+        return torch.arange(shape[0], 0, -1, dtype=torch.float32, device=device).unsqueeze(1).expand(shape)
+
+    gate.top2_2nd_expert_sampling = False
+    gate.use_rts = gate.k == 1
+    if gate.k == 1:
+        cache[device] = first_tokens_first
+    try:
+        yield
+    finally:
+        gate.use_rts, gate.top2_2nd_expert_sampling = saved
+        if gate.k == 1:
+            if previous is None:
+                cache.pop(device, None)
+            else:
+                cache[device] = previous
 
 
 class DenseFFNBlock(nn.Module):
@@ -106,7 +145,12 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor] = None):
         """x (..., hidden) -> (output (..., hidden), l_aux scalar, exp_counts (num_experts,))."""
-        return self.moe(x, used_token)
+        return self._moe(x, used_token)
+
+    def _moe(self, x: torch.Tensor, used_token: Optional[torch.Tensor]):
+        """DeepSpeed's MoE, with the gate's sampling in training mode only (see ``eval_routing``)."""
+        with eval_routing(self.moe.deepspeed_moe.gate):
+            return self.moe(x, used_token)
 
 
 class PadMoE(PadMaskMixin, MoEFFN):
@@ -194,7 +238,7 @@ class PadMoE(PadMaskMixin, MoEFFN):
         for expert in experts:
             expert.pad_context = ctx
         try:
-            return self.moe(x, used_token)
+            return self._moe(x, used_token)
         finally:
             for expert in experts:
                 expert.pad_context = None

@@ -1,9 +1,12 @@
 """Iterative Mode Partition (paper Eq. 5-9) and its baselines: random partition, one-shot (T=1) and MoE-P.
 
-Round t of T keeps the top κ_t fraction of entries (over all entries, re-scored with the current masks) dynamic, with
-κ_t = κ^(t/T) (exponential) or 1 − (1−κ)·t/T (linear). The count per selection group is exactly
-``dynamic_count(κ_t, N)`` = ⌊κ_t·N + ½⌋, found by an exact distributed selection; ties at the threshold are broken by a
-fixed global entry order, so every rank, and any number of ranks, gets the same masks.
+Round t of T keeps ``dynamic_count(κ_t, N)`` = ⌊κ_t·N + ½⌋ entries of each selection group dynamic, with
+κ_t = κ^(t/T) (exponential) or 1 − (1−κ)·t/T (linear), scored with the current masks. ``nested=True`` (paper §4.2,
+the default): a round ranks only the entries still dynamic, so a static entry stays static and the dynamic sets are
+nested, M_t ⊆ M_{t−1}. ``nested=False``: every round ranks all entries afresh. The selection is exact and distributed;
+ties at the threshold are broken by a fixed global entry order, so every rank, and any number of ranks, gets the same
+masks. Scoring draws random numbers (dropout in ``train_mode``, DeepSpeed's gate noise) from the global RNG seeded
+with ``seed`` inside a fork: the masks do not depend on the caller's RNG state, which is left as it was.
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ class PartitionReport:
     num_batches: int
     """Batches scored per round on this rank."""
     world_size: int
+    nested: bool = True
+    """True: a static entry stays static (paper §4.2); False: every round re-scores all entries."""
     kappa_per_round: list[float] = field(default_factory=list)
     dynamic_per_round: list[int] = field(default_factory=list)
     """Dynamic entries after each round, over all ranks."""
     churn_per_round: list[float] = field(default_factory=list)
-    """Fraction of all entries whose mode changed in each round."""
+    """Fraction of all entries whose mode changed in each round (nested: the fraction made static)."""
     total_entries: int = 0
     layer_ratios: dict[str, float] = field(default_factory=dict)
     """Dynamic fraction of each PAD module over all its masks (all experts)."""
@@ -80,38 +85,48 @@ def kappa_schedule(kappa: float, iterations: int, schedule: str = "exponential")
 
 def iterative_mode_partition(model: nn.Module, batches: Optional[Iterable], loss_fn: Optional[LossFn], *,
                              kappa: float, iterations: int = 5, scorer: str = "snip", scope: str = "global",
-                             schedule: str = "exponential", seed: int = 0, train_mode: bool = False) -> PartitionReport:
+                             schedule: str = "exponential", seed: int = 0, train_mode: bool = False,
+                             nested: bool = True,
+                             on_round: Optional[Callable[[int, PartitionReport], None]] = None) -> PartitionReport:
     """Partition every PAD module of ``model`` (an nn.Module or a DeepSpeed engine) in place; return the report.
 
     ``loss_fn(model, batch)`` returns a scalar loss; each rank passes its own batches (its data shard), every rank the
     same number. With an engine, loss_fn receives ``engine.module``: the engine's forward installs backward hooks that
     only ``engine.backward`` satisfies, and IMP must not step the engine. Scoring runs in eval mode unless
     ``train_mode``; parameters' requires_grad and every module's train/eval mode are restored afterwards. Gradients
-    are taken w.r.t. the relaxed masks only (no parameter's .grad is touched).
+    are taken w.r.t. the relaxed masks only (no parameter's .grad is touched). ``nested``: see the module docstring;
+    it needs the masks to start with at least round 1's count dynamic (a fresh model: all dynamic).
+    ``on_round(t, report)`` is called after round t has set the masks.
     """
-    _validate(kappa, iterations, scorer, scope, schedule)
+    _validate(kappa, iterations, scorer, scope, schedule, nested)
     t0 = time.perf_counter()
     layout = MaskLayout(model)
-    batch_list = _batch_list(batches, loss_fn, scorer, layout.device)
-    groups = layout.group_ids(scope)  # None (global) or (n,) module index
-    totals = layout.totals(scope)  # entries per selection group, over all ranks
-    total = sum(totals)
-    report = PartitionReport("imp", kappa, iterations, scorer, scope, schedule, seed, len(batch_list),
-                             C.world_size(), total_entries=total)
-    current = layout.flat_masks()  # (n,) bool
-    with _scoring_mode(model, train_mode):
-        for t, kappa_t in enumerate(kappa_schedule(kappa, iterations, schedule), start=1):
-            scores = score_entries(layout, scorer, model=unwrap(model), batches=batch_list, loss_fn=loss_fn, seed=seed,
-                                   round_index=t)  # (n,) float32
-            k = torch.tensor([dynamic_count(kappa_t, n) for n in totals], device=layout.device)  # (G,)
-            chosen = select_top(scores, k, layout.index_keys_of, groups=groups, counted=layout.counted,
-                                count_reducer=layout.selection_reducer)
-            del scores
-            report.churn_per_round.append(layout.count(chosen != current) / total)
-            layout.set_flat_masks(chosen)
-            current = chosen
-            report.kappa_per_round.append(kappa_t)
-            report.dynamic_per_round.append(layout.count(current))
+    batch_list = _batch_list(batches, loss_fn, scorer, layout.device)  # drawn with the caller's RNG, if at all
+    with _private_rng(seed, layout.device):
+        groups = layout.group_ids(scope)  # None (global) or (n,) module index
+        totals = layout.totals(scope)  # entries per selection group, over all ranks
+        total = sum(totals)
+        report = PartitionReport("imp", kappa, iterations, scorer, scope, schedule, seed, len(batch_list),
+                                 C.world_size(), nested=nested, total_entries=total)
+        kappas = kappa_schedule(kappa, iterations, schedule)
+        current = layout.flat_masks()  # (n,) bool
+        if nested:
+            _check_nested_start(layout, scope, current, [dynamic_count(kappas[0], n) for n in totals])
+        with _scoring_mode(model, train_mode):
+            for t, kappa_t in enumerate(kappas, start=1):
+                scores = score_entries(layout, scorer, model=unwrap(model), batches=batch_list, loss_fn=loss_fn,
+                                       seed=seed, round_index=t)  # (n,) float32
+                k = torch.tensor([dynamic_count(kappa_t, n) for n in totals], device=layout.device)  # (G,)
+                chosen = select_top(scores, k, layout.index_keys_of, groups=groups, counted=layout.counted,
+                                    eligible=current if nested else None, count_reducer=layout.selection_reducer)
+                del scores
+                report.churn_per_round.append(layout.count(chosen != current) / total)
+                layout.set_flat_masks(chosen)
+                current = chosen
+                report.kappa_per_round.append(kappa_t)
+                report.dynamic_per_round.append(layout.count(current))
+                if on_round is not None:
+                    on_round(t, report)
     verify_replicas(model, layout)
     module_dynamic = layout.count_per_module(current).tolist()
     module_totals = layout.count_per_module(torch.ones_like(current)).tolist()
@@ -122,9 +137,10 @@ def iterative_mode_partition(model: nn.Module, batches: Optional[Iterable], loss
 
 
 def random_partition(model: nn.Module, *, kappa: float, scope: str = "global", seed: int = 0) -> PartitionReport:
-    """The random-partition baseline: seeded uniform scores, the same exact selection (so the same exact ratio)."""
+    """The random-partition baseline: seeded uniform scores, the same exact selection (so the same exact ratio), over
+    all entries whatever the current masks."""
     report = iterative_mode_partition(model, None, None, kappa=kappa, iterations=1, scorer="random", scope=scope,
-                                      seed=seed)
+                                      seed=seed, nested=False)
     report.method = "random"
     return report
 
@@ -140,7 +156,8 @@ def moe_p_partition(model: nn.Module, batches: Iterable, loss_fn: LossFn, **imp_
 
 def partition(model: nn.Module, batches: Optional[Iterable], loss_fn: Optional[LossFn], *, method: str = "imp",
               **kwargs) -> PartitionReport:
-    """One switch for the paper's comparisons: method imp (T=1 is one-shot) | random | moe_p."""
+    """One switch for the paper's comparisons: method imp (T=1 is one-shot) | random | moe_p. ``kwargs`` are
+    ``iterative_mode_partition``'s (``nested`` included); random uses kappa, scope and seed."""
     if method == "imp":
         return iterative_mode_partition(model, batches, loss_fn, **kwargs)
     if method == "random":
@@ -157,7 +174,7 @@ def partition_from_config(model: nn.Module, batches: Optional[Iterable], loss_fn
     if batches is not None:
         batches = list(itertools.islice(batches, cfg.num_batches))
     return partition(model, batches, loss_fn, method=cfg.method, kappa=cfg.kappa, iterations=cfg.iterations,
-                     scorer=cfg.scorer, scope=cfg.scope, schedule=cfg.schedule, seed=cfg.seed)
+                     scorer=cfg.scorer, scope=cfg.scope, schedule=cfg.schedule, seed=cfg.seed, nested=cfg.nested)
 
 
 def verify_replicas(model: nn.Module, layout: Optional[MaskLayout] = None) -> None:
@@ -179,7 +196,7 @@ def verify_replicas(model: nn.Module, layout: Optional[MaskLayout] = None) -> No
                            "different partitions (different scores or models); re-run the partition on all ranks")
 
 
-def _validate(kappa, iterations, scorer, scope, schedule) -> None:
+def _validate(kappa, iterations, scorer, scope, schedule, nested) -> None:
     if not isinstance(kappa, (int, float)) or not 0 < kappa <= 1:
         raise ValueError(f"kappa={kappa!r} must be in (0, 1]")
     if not isinstance(iterations, int) or iterations < 1:
@@ -190,6 +207,32 @@ def _validate(kappa, iterations, scorer, scope, schedule) -> None:
         raise ValueError(f"scope={scope!r} is unknown; allowed: {', '.join(SCOPES)}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+    if not isinstance(nested, bool):
+        raise ValueError(f"nested={nested!r} must be True or False")
+
+
+def _check_nested_start(layout: MaskLayout, scope: str, current: torch.Tensor, first_counts: list[int]) -> None:
+    """Nested rounds only make entries static: the starting masks must hold round 1's dynamic count per group."""
+    per_module = layout.count_per_module(current).tolist()  # over all ranks
+    dynamic = [sum(per_module)] if scope == "global" else per_module
+    names = ["all PAD modules"] if scope == "global" else [name for name, _ in layout.modules]
+    for name, have, need in zip(names, dynamic, first_counts, strict=True):
+        if have < need:
+            raise ValueError(f"nested=True only makes entries static, but {name} start(s) with {have} dynamic "
+                             f"entries and round 1 keeps {need}; reset the masks to all dynamic or pass nested=False")
+
+
+@contextlib.contextmanager
+def _private_rng(seed: int, device: torch.device):
+    """The global RNG (CPU, and ``device`` if an accelerator) seeded with ``seed`` inside; the caller's state after."""
+    accelerators = [device] if device.type not in ("cpu", "meta") else []
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else "cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if accelerators:
+            backend = getattr(torch, device.type)  # torch.cuda, torch.xpu, ...
+            with backend.device(device):
+                backend.manual_seed(seed)
+        yield
 
 
 def _batch_list(batches, loss_fn, scorer: str, device: torch.device) -> list:

@@ -17,6 +17,7 @@ CountReducer = Callable[[torch.Tensor], torch.Tensor]
 FLOAT_KEY_BITS = 32  # float32 scores -> signed int32 keys
 INDEX_KEY_BITS = 63  # global entry indices -> non-negative int64 keys
 INDEX_MAX = (1 << INDEX_KEY_BITS) - 1
+INELIGIBLE_KEY = -(1 << 31)  # below every float key, -inf's included: only a NaN bit pattern maps here
 MAX_BINS = 1 << 20  # per pass, over all groups: bounds the all-reduced tensor to 8 MiB
 
 
@@ -113,15 +114,20 @@ IndexKeys = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def select_top(scores: torch.Tensor, k: torch.Tensor, index_keys: IndexKeys, *, groups: Optional[torch.Tensor] = None,
-               counted: Optional[torch.Tensor] = None, count_reducer: CountReducer = identity_reducer) -> torch.Tensor:
+               counted: Optional[torch.Tensor] = None, eligible: Optional[torch.Tensor] = None,
+               count_reducer: CountReducer = identity_reducer) -> torch.Tensor:
     """Mark the k[g] largest scores of each group, exactly, over all ranks: bool (n,).
 
     Ties at the threshold are broken by the smallest global index key (int64 >= 0, unique over the union; a tensor
     (n,) or a function from local positions to keys), so the count is exact and every rank agrees. Only ``counted``
     entries take part in the counts (an entry replicated on several ranks is counted by one of them); every entry,
-    counted or not, is then marked by the same rule.
+    counted or not, is then marked by the same rule. With ``eligible`` (n,) bool only eligible entries are marked
+    (their key sinks below every score, -inf included); each group must hold at least k[g] of them over all ranks.
     """
     score_keys = float_order_keys(scores)  # (n,) int32
+    if eligible is not None:
+        _check_eligible(eligible, k, groups, counted, count_reducer)
+        score_keys = torch.where(eligible, score_keys, torch.full_like(score_keys, INELIGIBLE_KEY))
     sel = kth_largest_keys(score_keys, k, key_bits=FLOAT_KEY_BITS, groups=groups, candidates=counted,
                            count_reducer=count_reducer)
     per_entry = (lambda t: t[0]) if groups is None else (lambda t: t[groups])  # noqa: E731
@@ -141,3 +147,19 @@ def select_top(scores: torch.Tensor, k: torch.Tensor, index_keys: IndexKeys, *, 
         limit_per_tie = limit[0] if groups is None else limit[tie_groups]
         tied[positions] = keys <= limit_per_tie
     return (chosen | tied) & per_entry(k.to(scores.device) >= 1)
+
+
+def _check_eligible(eligible: torch.Tensor, k: torch.Tensor, groups: Optional[torch.Tensor],
+                    counted: Optional[torch.Tensor], count_reducer: CountReducer) -> None:
+    """Raise (on every rank alike) if a group holds fewer than k[g] eligible entries over all ranks."""
+    live = eligible if counted is None else eligible & counted  # (n,)
+    if groups is None:
+        per_group = live.sum().reshape(1).to(torch.int64)
+    else:
+        per_group = torch.bincount(groups[live].to(torch.int64), minlength=int(k.numel()))
+    per_group = count_reducer(per_group)  # (G,) over all ranks
+    short = (k.to(per_group.device) > per_group).nonzero().reshape(-1)
+    if short.numel():
+        g = int(short[0])
+        raise ValueError(f"select_top: group {g} asks for k={int(k[g])} entries but holds only {int(per_group[g])} "
+                         "eligible ones; ask for at most that many")
