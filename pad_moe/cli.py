@@ -1,13 +1,16 @@
-"""``padmoe``: the command line. Bad input prints one line naming the value and the fix, and exits with status 2.
+"""``padmoe``: the command line, one argparse tree. Bad input prints one line naming the value and the fix, and exits
+with status 2 (argument errors: argparse's usage and its one ``error:`` line).
 
     padmoe train CONFIG [key=value ...] [--resume]     (under the deepspeed launcher for several ranks)
-    padmoe config CONFIG [key=value ...]               print the resolved config (validates it)
+    padmoe config [CONFIG] [key=value ...]             print the resolved config (validates it)
     padmoe presets                                     list model presets
     padmoe count NAME_OR_CONFIG [--mode ...] [--kappa K] [--convention paper] [--json]
     padmoe export CHECKPOINT_DIR --out DIR             compact deploy model
     padmoe consolidate CHECKPOINT_DIR --out PATH       full weights of an expert-parallel checkpoint
     padmoe reshard CHECKPOINT_DIR --ep N --world W --out DIR
     padmoe plan PRESET --kappa K --nodes N --gpus-per-node G --ep E --zero S --dtype bf16 --micro-batch B --seq L
+
+``padmoe COMMAND --help`` lists a command's options.
 """
 
 from __future__ import annotations
@@ -16,8 +19,115 @@ import argparse
 import json
 import os
 import sys
+from typing import Callable, Optional, Sequence
 
-DELEGATED = ("count", "export", "consolidate", "reshard")
+Register = Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
+"""A subcommand's registration: ``register(subparsers)`` adds its subparser (options, help) with
+``set_defaults(handler=fn)``, where ``fn(args) -> exit status`` raises ``ValueError`` (``UsageError``) on bad input;
+it returns the subparser. ``set_defaults(error_prog=...)`` changes the prefix of its error line (default: its prog)."""
+
+
+# -- the run commands; every other command registers itself in the module that implements it ------------------------
+def register_train(sub) -> argparse.ArgumentParser:
+    t = sub.add_parser("train", help="train (run under the deepspeed launcher for several ranks)",
+                       description="Train per a YAML run config; key=value overrides win over the file.")
+    t.add_argument("config", help="YAML run config (see configs/)")
+    t.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides, e.g. moe.ep_size=2 train.steps=50")
+    t.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
+    t.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # deepspeed launcher
+    t.set_defaults(handler=_train, error_prog="padmoe")
+    return t
+
+
+def _train(args) -> int:
+    from pad_moe.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from pad_moe.train.loop import train
+
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: summary[k] for k in ("name", "mode", "steps", "eval", "wall_time_s")}))
+    return 0
+
+
+def register_config(sub) -> argparse.ArgumentParser:
+    c = sub.add_parser("config", help="print the resolved config (validates it)",
+                       description="Print the resolved run config: the file (or the defaults), its model preset, "
+                                   "then the overrides.")
+    c.add_argument("config", nargs="?", default=None, help="YAML run config (default: the built-in defaults)")
+    c.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    c.set_defaults(handler=_config, error_prog="padmoe")
+    return c
+
+
+def _config(args) -> int:
+    import yaml
+
+    from pad_moe.config import load_config, to_dict
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not os.path.exists(path):  # `padmoe config a.b=1`: no file, overrides
+        path, overrides = None, [path, *overrides]
+    print(yaml.safe_dump(to_dict(load_config(path, overrides)), sort_keys=False), end="")
+    return 0
+
+
+def register_presets(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("presets", help="list model presets", description="List the model presets (model.preset=NAME).")
+    p.set_defaults(handler=_presets, error_prog="padmoe")
+    return p
+
+
+def _presets(args) -> int:
+    from pad_moe.presets import MODEL_PRESETS
+
+    for name, sections in sorted(MODEL_PRESETS.items()):
+        print(f"{name:16s} {json.dumps(sections['model'])}")
+    return 0
+
+
+def commands() -> tuple[Register, ...]:
+    """Every subcommand's registration, in the order ``padmoe --help`` lists them."""
+    from pad_moe.deploy import COMMANDS as DEPLOY
+    from pad_moe.plan.planner import register as plan
+
+    return (register_train, register_config, register_presets, *DEPLOY, plan)
+
+
+# -- the tree -------------------------------------------------------------------------------------------------------
+def _add(sub, register: Register) -> argparse.ArgumentParser:
+    parser = register(sub)
+    if parser.get_default("error_prog") is None:
+        parser.set_defaults(error_prog=parser.prog)
+    return parser
+
+
+def build_parser(registrations: Optional[Sequence[Register]] = None, prog: str = "padmoe") -> argparse.ArgumentParser:
+    """The command tree of ``registrations`` (default: every command)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # deepspeed launcher
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in commands() if registrations is None else registrations:
+        _add(sub, register)
+    return p
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed command; bad input (ValueError, UsageError included, or an unusable path) is one line, status 2."""
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{args.error_prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def run_command(register: Register, argv: Optional[Sequence[str]] = None) -> int:
+    """One command on its own (``count_main(argv)`` and friends): its subparser parses ``argv``."""
+    sub = argparse.ArgumentParser(prog="padmoe").add_subparsers()
+    return dispatch(_add(sub, register).parse_args(None if argv is None else list(argv)))
 
 
 def _setup_env() -> None:
@@ -34,61 +144,11 @@ def _setup_env() -> None:
         pass
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="padmoe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (run under the deepspeed launcher for several ranks)")
-    t.add_argument("config", help="YAML run config (see configs/)")
-    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. moe.ep_size=2 train.steps=50")
-    t.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint")
-    t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    c = sub.add_parser("config", help="print the resolved config")
-    c.add_argument("config", nargs="?", default=None)
-    c.add_argument("overrides", nargs="*")
-    sub.add_parser("presets", help="list model presets")
-    for name in DELEGATED:
-        d = sub.add_parser(name, add_help=False, help=f"padmoe {name} --help for its options")
-        d.add_argument("rest", nargs=argparse.REMAINDER)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, registrations: Optional[Sequence[Register]] = None,
+         prog: str = "padmoe") -> int:
     _setup_env()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "plan":  # its own argparse (padmoe plan --help)
-        from pad_moe.plan import plan_main
-
-        return plan_main(argv[1:])
-    args = _parser().parse_args(argv)
-    if args.command in DELEGATED:
-        from pad_moe.deploy import MAINS
-
-        return MAINS[args.command](args.rest)
-    from pad_moe.config import load_config, to_dict
-
-    try:
-        if args.command == "presets":
-            from pad_moe.presets import MODEL_PRESETS
-
-            for name, sections in sorted(MODEL_PRESETS.items()):
-                print(f"{name:16s} {json.dumps(sections['model'])}")
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "config":
-            import yaml
-
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return 0
-        from pad_moe.train.loop import train
-
-        summary = train(cfg, resume=args.resume)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps({k: summary[k] for k in ("name", "mode", "steps", "eval", "wall_time_s")}))
-        return 0
-    except ValueError as err:  # config / input errors (UsageError included)
-        print(f"padmoe: error: {err}", file=sys.stderr)
-        return 2
+    args = build_parser(registrations, prog).parse_args(None if argv is None else list(argv))
+    return dispatch(args)
 
 
 if __name__ == "__main__":

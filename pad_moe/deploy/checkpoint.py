@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from pad_moe.distributed import UsageError
+from pad_moe.errors import UsageError
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -46,12 +46,10 @@ def safe_load(path: str, what: str = "file") -> Any:
     """torch.load(weights_only=True) with DeepSpeed's ZeRO bookkeeping classes allowed; errors as one line."""
     if not os.path.isfile(path):
         raise CheckpointError(f"missing {what}: {path}")
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from pad_moe.checkpoint_io import checkpoint_safe_globals
 
     try:
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean the same thing here
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
@@ -134,7 +132,7 @@ class Checkpoint:
 
 
 _META_KEYS = ("global_steps", "global_samples", "skipped_steps", "lr_scheduler", "dp_world_size", "mp_world_size",
-              "num_experts", "ds_version", "step", "partition")
+              "num_experts", "ds_version", "step", "partition", "losses")
 
 
 def read_checkpoint(path: str, tag: Optional[str] = None, config: Optional[str] = None) -> Checkpoint:
@@ -312,24 +310,60 @@ def with_ep_size(cfg, ep_size: int, **top):
 
 
 # -- writing --------------------------------------------------------------------------------------------------------
+def check_new_path(out: str, empty_dir_ok: bool = False, what: str = "output") -> str:
+    """``out`` (absolute) if a new file or folder can be made there: it does not exist (or, with ``empty_dir_ok``, is
+    an empty folder) and its nearest existing parent is a folder this process may write into."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) or os.path.islink(out):
+        if not (empty_dir_ok and os.path.isdir(out) and not os.listdir(out)):
+            raise UsageError(f"--out {out} already exists{' and is not empty' if empty_dir_ok else ''} (it may hold a "
+                             f"{what}); choose a new {'folder' if empty_dir_ok else 'path'}, nothing was written")
+        return out
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the folder {parent} is not writable; choose another --out")
+    return out
+
+
+def make_parents(path: str) -> list[str]:
+    """Create the missing parent folders of ``path``; returns them, deepest first (for ``remove_dirs``)."""
+    created, parent = [], os.path.dirname(path)
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
+    for folder in reversed(created):
+        os.mkdir(folder)
+    return created
+
+
+def remove_dirs(folders: list[str]) -> None:
+    """Remove folders ``make_parents`` created, as long as they are still empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
 class AtomicDir:
     """Write a folder completely or not at all: ``with AtomicDir(out) as tmp: ...`` writes into a temporary folder
     next to ``out`` and renames it to ``out`` only when the block finishes; on any error the temporary folder is removed
     and an existing ``out`` is never touched. ``out`` must not exist or be an empty folder."""
 
     def __init__(self, out: str, what: str = "output"):
-        self.out = os.path.abspath(os.fspath(out))
-        if os.path.exists(self.out) and not (os.path.isdir(self.out) and not os.listdir(self.out)):
-            raise UsageError(f"--out {self.out} already exists and is not empty (it may hold a {what}); choose a new "
-                             "folder, nothing was written")
+        self.out = check_new_path(out, empty_dir_ok=True, what=what)
         self.tmp: Optional[str] = None
+        self.created: list[str] = []
 
     def __enter__(self) -> str:
         import tempfile
 
-        parent = os.path.dirname(self.out)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=parent)
+        self.created = make_parents(self.out)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.out)}.tmp-", dir=os.path.dirname(self.out))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -337,6 +371,7 @@ class AtomicDir:
 
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_dirs(self.created)  # the parents this write made
             return False
         umask = os.umask(0)
         os.umask(umask)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from typing import Optional
 
@@ -21,11 +20,13 @@ from pad_moe.deploy.checkpoint import (
     AtomicDir,
     Checkpoint,
     CheckpointError,
+    check_new_path,
+    make_parents,
     read_checkpoint,
     read_optimizer_state,
+    remove_dirs,
     with_ep_size,
 )
-from pad_moe.distributed import UsageError
 
 CONSOLIDATED_FILE = "model.safetensors"
 CONSOLIDATED_META = "consolidated.json"
@@ -100,6 +101,10 @@ def consolidate(checkpoint_dir: str, out: str, *, tag: Optional[str] = None, con
 
     from pad_moe.config import save_config
 
+    single = os.path.abspath(out).endswith(".safetensors")
+    writer = None if single else AtomicDir(out, "model")  # refuse an unusable --out before reading anything
+    if single:
+        check_new_path(out, what="model")
     ckpt = read_checkpoint(checkpoint_dir, tag, config)
     state = full_weights(ckpt)
     build_training_model(ckpt.cfg, state, record=ckpt.record)  # validates every key and shape
@@ -114,21 +119,22 @@ def consolidate(checkpoint_dir: str, out: str, *, tag: Optional[str] = None, con
     meta = {"pad_moe": json.dumps({k: v for k, v in summary.items() if k != "note"})}
     tensors = {k: v.contiguous() for k, v in state.items()}
     out = os.path.abspath(out)
-    if out.endswith(".safetensors"):  # one file, written next to its target and renamed
-        if os.path.exists(out):
-            raise UsageError(f"--out {out} already exists; choose a new path (nothing was written)")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-        os.close(fd)
+    if single:  # one file, written next to its target and renamed
+        check_new_path(out, what="model")
+        created, tmp = make_parents(out), None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+            os.close(fd)
             save_file(tensors, tmp, metadata=meta)
             os.chmod(tmp, 0o644)
             os.replace(tmp, out)
         except BaseException:
-            os.remove(tmp)
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+            remove_dirs(created)
             raise
         return summary
-    with AtomicDir(out, "model") as tmp:
+    with writer as tmp:
         save_file(tensors, os.path.join(tmp, CONSOLIDATED_FILE), metadata=meta)
         with open(os.path.join(tmp, CONSOLIDATED_META), "w") as f:
             json.dump(summary, f, indent=1)
@@ -136,19 +142,29 @@ def consolidate(checkpoint_dir: str, out: str, *, tag: Optional[str] = None, con
     return summary
 
 
-def consolidate_main(argv: Optional[list[str]] = None) -> int:
-    """``padmoe consolidate CHECKPOINT_DIR --out FILE_OR_DIR [--tag T] [--config RUN.yaml] [--dtype fp32]``."""
-    p = argparse.ArgumentParser(prog="padmoe consolidate", description=consolidate_main.__doc__)
+def register(sub) -> argparse.ArgumentParser:
+    """The ``padmoe consolidate`` subparser."""
+    p = sub.add_parser("consolidate", help="full weights (every expert, global ids) of a checkpoint",
+                       description="Write the full training-form weights of an expert-parallel checkpoint to one "
+                                   ".safetensors file, or to a new folder (with consolidated.json and config.yaml).")
     p.add_argument("checkpoint", help="RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/TAG")
-    p.add_argument("--out", required=True, help="a .safetensors file, or a new folder")
+    p.add_argument("--out", required=True, help="a new .safetensors file, or a new folder")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
     p.add_argument("--config", default=None, help="run config (default: RUN_DIR/config.yaml)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="cast floating tensors")
-    args = p.parse_args(argv)
-    try:
-        summary = consolidate(args.checkpoint, args.out, tag=args.tag, config=args.config, dtype=args.dtype)
-    except ValueError as err:
-        print(f"padmoe consolidate: error: {err}", file=sys.stderr)
-        return 2
+    p.set_defaults(handler=_consolidate_command)
+    return p
+
+
+def _consolidate_command(args) -> int:
+    summary = consolidate(args.checkpoint, args.out, tag=args.tag, config=args.config, dtype=args.dtype)
     print(json.dumps({"out": os.path.abspath(args.out), **{k: summary[k] for k in ("step", "tensors", "params")}}))
     return 0
+
+
+def consolidate_main(argv: Optional[list[str]] = None) -> int:
+    """``padmoe consolidate CHECKPOINT_DIR --out FILE_OR_DIR [--tag T] [--config RUN.yaml] [--dtype fp32]``; returns
+    the exit status (bad input: one line on stderr, 2)."""
+    from pad_moe.cli import run_command
+
+    return run_command(register, argv)

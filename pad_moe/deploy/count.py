@@ -24,14 +24,13 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from typing import Optional
 
 import torch
 from torch import nn
 
 from pad_moe.deploy.hf_presets import HF_PRESETS, PAPER_QUIRKS, build_encoder
-from pad_moe.distributed import UsageError
+from pad_moe.errors import UsageError, finite_float
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -200,58 +199,84 @@ def _is_vision(target: str) -> bool:
     return target in MODELS and not os.path.isfile(target)
 
 
-def count_main(argv: Optional[list[str]] = None) -> int:
-    """``padmoe count NAME_OR_CONFIG [--mode static|moe|pad] [--kappa K] [--experts E] [--k K] [--granularity G]
-    [--convention ours|paper] [--dtype fp32] [--json] [key=value ...]``; vision model names (``padmoe count resnet50
-    --conv pad --kappa 0.1``) go to ``pad_moe.vision.accounting.count_main``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    target = next((a for a in argv if not a.startswith("-")), None)
-    if target is not None and _is_vision(target):
-        from pad_moe.vision.accounting import count_main as vision_count_main
-
-        return vision_count_main(argv)
-    p = argparse.ArgumentParser(prog="padmoe count", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help=f"a preset ({', '.join(sorted(HF_PRESETS))}, debug, ...) or a run config YAML")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of a run config")
+def register(sub) -> argparse.ArgumentParser:
+    """The ``padmoe count`` subparser: text presets, run configs and Switch presets, and vision model names."""
+    p = sub.add_parser("count", help="parameters and bytes of a preset, a run config or a vision model",
+                       description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help=f"a preset ({', '.join(sorted(HF_PRESETS))}, debug, switch-base-8, ...), a run "
+                                  "config YAML or a vision model (resnet50, ...)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of a run config")
     p.add_argument("--mode", choices=("static", "moe", "pad"), default=None)
-    p.add_argument("--kappa", type=float, default=None, help="dynamic fraction κ (default: config / 0.5)")
+    p.add_argument("--kappa", type=finite_float, default=None,
+                   help="dynamic fraction κ (default: config / 0.5; vision: all dynamic)")
     p.add_argument("--experts", type=int, default=None)
     p.add_argument("--k", type=int, default=None, help="experts per token (only changes params_active)")
     p.add_argument("--granularity", choices=("element", "neuron"), default=None)
     p.add_argument("--convention", choices=("ours", "paper"), default="ours")
     p.add_argument("--pad-static", choices=("masked", "whole"), default=None,
                    help="paper convention: count the static FFN masked (1−κ) or whole (default: as the table prints)")
-    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="fp32")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        from pad_moe.switch.presets import switch_names
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default=None, help="bytes per parameter (default fp32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    v = p.add_argument_group("vision models (padmoe count resnet50 --conv pad --kappa 0.1)")
+    v.add_argument("--conv", default=None, help="static | condconv | dyconv | pad (default static)")
+    v.add_argument("--image-size", type=int, default=None, help="default 224")
+    v.add_argument("--in-chans", type=int, default=None, help="default 3")
+    v.add_argument("--num-classes", type=int, default=None, help="default 1000")
+    p.set_defaults(handler=_count_command)
+    return p
 
-        arch = None
-        if os.path.isfile(args.target):  # a run config: load it once, count a vision model or build its Arch
-            from pad_moe.config import load_config
 
-            cfg = load_config(args.target, list(args.overrides))
-            if cfg.model.arch == "vision":
-                from pad_moe.vision.accounting import count_vision_config, format_count
+_TEXT_FLAGS = (("--mode", "mode"), ("--experts", "experts"), ("--k", "k"), ("--granularity", "granularity"),
+               ("--pad-static", "pad_static"), ("--dtype", "dtype"))
+_VISION_FLAGS = (("--conv", "conv"), ("--image-size", "image_size"), ("--in-chans", "in_chans"),
+                 ("--num-classes", "num_classes"))
 
-                vision = count_vision_config(cfg)
-                print(json.dumps(vision) if args.json else format_count(vision))
-                return 0
-            arch = config_arch(cfg, cfg.name)
-        if arch is None and args.target in switch_names():
-            from pad_moe.switch.count import count_switch
 
-            result = count_switch(args.target, args.mode or "moe", 0.5 if args.kappa is None else args.kappa,
-                                  args.experts, dtype=args.dtype)
-        else:
-            result = count(arch or resolve(args.target, tuple(args.overrides)), mode=args.mode, kappa=args.kappa,
-                           experts=args.experts, k=args.k, granularity=args.granularity,
-                           convention=args.convention, dtype=args.dtype, pad_static=args.pad_static)
-    except ValueError as err:
-        print(f"padmoe count: error: {err}", file=sys.stderr)
-        return 2
+def _given(args, flags) -> list[str]:
+    return [flag for flag, dest in flags if getattr(args, dest) is not None]
+
+
+def _count_command(args) -> int:
+    """Handler of ``padmoe count``: a flag that does not apply to the target is an error, not ignored."""
+    from pad_moe.switch.presets import switch_names
+
+    if _is_vision(args.target):
+        return _count_vision(args)
+    if _given(args, _VISION_FLAGS):
+        raise UsageError(f"{_given(args, _VISION_FLAGS)[0]} applies to vision models, not {args.target!r}")
+    dtype = args.dtype or "fp32"
+    arch = None
+    if os.path.isfile(args.target):  # a run config: load it once, count a vision model or build its Arch
+        from pad_moe.config import load_config
+
+        cfg = load_config(args.target, list(args.overrides))
+        if cfg.model.arch == "vision":
+            from pad_moe.vision.accounting import count_vision_config, format_count
+
+            flags = _given(args, _TEXT_FLAGS) + (["--kappa"] if args.kappa is not None else []) + \
+                (["--convention"] if args.convention != "ours" else [])
+            if flags:
+                raise UsageError(f"{flags[0]} does not apply to the vision run config {args.target}; override its "
+                                 "values instead (e.g. vision.conv=static partition.kappa=0.3)")
+            vision = count_vision_config(cfg)
+            print(json.dumps(vision) if args.json else format_count(vision))
+            return 0
+        arch = config_arch(cfg, cfg.name)
+    if arch is None and args.target in switch_names():
+        unused = [f for f, dest in (("--k", "k"), ("--granularity", "granularity"), ("--pad-static", "pad_static"))
+                  if getattr(args, dest) is not None] + (["--convention"] if args.convention != "ours" else [])
+        if unused or args.overrides:
+            what = unused[0] if unused else f"override {args.overrides[0]!r}"
+            raise UsageError(f"{what} does not apply to the Switch preset {args.target}; it takes --mode, --kappa, "
+                             "--experts and --dtype")
+        from pad_moe.switch.count import count_switch
+
+        result = count_switch(args.target, args.mode or "moe", 0.5 if args.kappa is None else args.kappa,
+                              args.experts, dtype=dtype)
+    else:
+        result = count(arch or resolve(args.target, tuple(args.overrides)), mode=args.mode, kappa=args.kappa,
+                       experts=args.experts, k=args.k, granularity=args.granularity,
+                       convention=args.convention, dtype=dtype, pad_static=args.pad_static)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -264,3 +289,32 @@ def count_main(argv: Optional[list[str]] = None) -> int:
           f"{r['bytes_training'] / 2**20:10.1f} MiB {r['dtype']}")
     print(f"  active    {r['params_active']:>15,d} params per token (k={r['k']})")
     return 0
+
+
+def _count_vision(args) -> int:
+    from pad_moe.vision.accounting import count as count_vision
+    from pad_moe.vision.accounting import format_count
+
+    flags = _given(args, _TEXT_FLAGS)
+    if flags or args.overrides:
+        what = flags[0] if flags else f"override {args.overrides[0]!r}"
+        raise UsageError(f"{what} does not apply to the vision model {args.target}; it takes --conv, --kappa, "
+                         "--convention, --image-size, --in-chans and --num-classes")
+    geometry = {"image_size": 224 if args.image_size is None else args.image_size,
+                "in_chans": 3 if args.in_chans is None else args.in_chans,
+                "num_classes": 1000 if args.num_classes is None else args.num_classes}
+    for name, value in geometry.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    result = count_vision(args.target, args.conv or "static", args.kappa, args.convention, **geometry)
+    print(json.dumps(result) if args.json else format_count(result))
+    return 0
+
+
+def count_main(argv: Optional[list[str]] = None) -> int:
+    """``padmoe count NAME_OR_CONFIG [--mode static|moe|pad] [--kappa K] [--experts E] [--k K] [--granularity G]
+    [--convention ours|paper] [--dtype fp32] [--json] [key=value ...]``; vision model names: ``padmoe count resnet50
+    --conv pad --kappa 0.1``. Returns the exit status (bad input: one line on stderr, 2)."""
+    from pad_moe.cli import run_command
+
+    return run_command(register, argv)

@@ -27,7 +27,7 @@ from torch import nn
 
 from pad_moe.deploy.checkpoint import AtomicDir, CheckpointError, read_checkpoint, with_ep_size
 from pad_moe.deploy.compact import block_from_spec, compact_block
-from pad_moe.distributed import UsageError
+from pad_moe.errors import UsageError
 
 FORMAT, VERSION = "pad_moe.deploy", 1
 META_FILE, WEIGHTS_FILE = "deploy.json", "weights.safetensors"
@@ -208,7 +208,7 @@ def _skeleton(cfg, meta: dict, folder: str) -> nn.Module:
             raise UsageError(f"{folder}/{META_FILE}: unknown Hugging Face architecture {arch!r}")
         model = upcycle(cls(AutoConfig.from_pretrained(folder)), mode="static", every=cfg.moe.every)
         if (meta.get("hf") or {}).get("wrapper") == "MeanPoolClassifier":
-            from pad_moe.train.job import MeanPoolClassifier
+            from pad_moe.models.upcycle import MeanPoolClassifier
 
             model = MeanPoolClassifier(model)
         return model
@@ -230,27 +230,38 @@ def _logits(job, model: nn.Module, batch) -> torch.Tensor:
     return getattr(out, "logits", out).detach().float()
 
 
-def export_main(argv: Optional[list[str]] = None) -> int:
-    """``padmoe export CHECKPOINT_DIR --out DIR [--tag T] [--config RUN.yaml] [--no-verify]``."""
-    p = argparse.ArgumentParser(prog="padmoe export", description=export_main.__doc__)
+def register(sub) -> argparse.ArgumentParser:
+    """The ``padmoe export`` subparser."""
+    p = sub.add_parser("export", help="compact single-process deploy model of a checkpoint",
+                       description="Export a DeepSpeed checkpoint (any world size / ep_size) to a compact deploy "
+                                   "folder, verified against the training form before it is renamed into place.")
     p.add_argument("checkpoint", help="RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/TAG")
     p.add_argument("--out", required=True, help="new folder for the deploy model")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
     p.add_argument("--config", default=None, help="run config (default: RUN_DIR/config.yaml)")
     p.add_argument("--no-verify", action="store_true", help="skip the output comparison with the training form")
-    args = p.parse_args(argv)
+    p.set_defaults(handler=_export_command)
+    return p
+
+
+def _export_command(args) -> int:
     try:
         meta = export(args.checkpoint, args.out, tag=args.tag, config=args.config, verify=not args.no_verify)
-    except ValueError as err:  # bad input: CheckpointError, UsageError, config errors
-        print(f"padmoe export: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
+    except RuntimeError as err:  # the verification failed: not bad input
         print(f"padmoe export: error: {err}", file=sys.stderr)
         return 1
     print(json.dumps({"out": os.path.abspath(args.out), "params": meta["params"],
                       "params_training": meta["params_training"], "weights_bytes": meta["weights_bytes"],
                       "verified_max_abs_diff": meta.get("verified_max_abs_diff")}))
     return 0
+
+
+def export_main(argv: Optional[list[str]] = None) -> int:
+    """``padmoe export CHECKPOINT_DIR --out DIR [--tag T] [--config RUN.yaml] [--no-verify]``; returns the exit
+    status (bad input: one line on stderr, 2)."""
+    from pad_moe.cli import run_command
+
+    return run_command(register, argv)
 
 
 __all__ = ["export", "export_main", "load_deployed", "compact_model", "save_deployed", "CheckpointError"]

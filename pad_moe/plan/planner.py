@@ -20,6 +20,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from pad_moe.errors import UsageError, finite_float
 from pad_moe.plan.memory import DTYPE_BYTES, StepShape, activation_bytes, capacity, logits_transient
 from pad_moe.switch.count import count_arch
 from pad_moe.switch.presets import SwitchArch, get_arch, switch_names
@@ -29,19 +30,23 @@ MODES = ("pad", "moe", "static")
 OPTIMIZERS = ("fused", "torch")
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """Bad planner input or a plan that does not fit: one line naming the value and the fix."""
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str, flag: str = "--gpu-mem") -> int:
     """'80GiB', '80GB', '141G', '24000MiB', '1e9' -> bytes (G/GiB are 2**30, GB is 10**9)."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([KMGT]?)(i?)(B?)\s*", str(text), re.IGNORECASE)
+    m = re.fullmatch(r"\s*((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[0-9]+)?)\s*([KMGT]?)(i?)(B?)\s*", str(text),
+                     re.IGNORECASE)
     if not m:
-        raise PlanError(f"--gpu-mem={text!r} is not a size; write e.g. 80GiB, 80GB or 85899345920")
+        raise PlanError(f"{flag}={text!r} is not a size; write e.g. 80GiB, 80GB or 85899345920")
     value, unit, binary, b = m.groups()
     power = " KMGT".index(unit.upper()) if unit else 0
     base = 1000 if (b and not binary) else 1024
-    return int(float(value) * base ** power)
+    size = float(value) * base ** power
+    if not math.isfinite(size) or size >= 2 ** 80:
+        raise PlanError(f"{flag}={text!r} is too large; write e.g. 80GiB")
+    return int(size)
 
 
 @dataclass
@@ -110,8 +115,12 @@ class PlanRequest:
             raise PlanError(f"--compact applies to --mode pad, not --mode {self.mode}")
         if self.optimizer not in OPTIMIZERS:
             raise PlanError(f"--optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
-        if self.capacity_factor <= 0:
-            raise PlanError(f"--capacity-factor={self.capacity_factor} must be > 0")
+        if not 0 < self.capacity_factor < math.inf:
+            raise PlanError(f"--capacity-factor={self.capacity_factor} must be a finite number > 0")
+        if self.reduce_bucket < 1:
+            raise PlanError(f"--reduce-bucket={self.reduce_bucket} must be >= 1 (elements)")
+        if self.gpu_mem is not None and self.gpu_mem < 1:
+            raise PlanError(f"--gpu-mem={self.gpu_mem} must be > 0 bytes (or 'none' to skip the fit check)")
         if self.min_capacity < 0:
             raise PlanError(f"--min-capacity={self.min_capacity} must be >= 0")
 
@@ -266,11 +275,13 @@ def format_plan(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="padmoe plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def register(sub) -> argparse.ArgumentParser:
+    """The ``padmoe plan`` subparser."""
+    p = sub.add_parser("plan", help="per-rank memory and communication of a Switch PAD-MoE run on a cluster",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("preset", help=f"a Switch preset: {', '.join(switch_names())}")
-    p.add_argument("--kappa", type=float, default=0.5, help="dynamic ratio κ (compact size; --compact: training size)")
+    p.add_argument("--kappa", type=finite_float, default=0.5,
+                   help="dynamic ratio κ (compact size; --compact: training size)")
     p.add_argument("--mode", default="pad", help="pad | moe | static")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -281,41 +292,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=512, help="encoder tokens per sequence")
     p.add_argument("--target-seq", type=int, default=None, help="decoder tokens per sequence (default: --seq)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--capacity-factor", type=finite_float, default=1.25)
     p.add_argument("--min-capacity", type=int, default=4)
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--compact", action="store_true", help="neuron-granularity PAD compacted before training")
     p.add_argument("--experts", type=int, default=None, help="override the preset's number of experts")
     p.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB; 'none' skips the fit check")
     p.add_argument("--overhead", default="0", help="fixed bytes per rank to add (CUDA context, NCCL), e.g. 2GiB")
-    p.add_argument("--reduce-bucket", type=float, default=5e7, help="ZeRO reduce_bucket_size (elements)")
+    p.add_argument("--reduce-bucket", type=finite_float, default=5e7, help="ZeRO reduce_bucket_size (elements)")
     p.add_argument("--optimizer", default="fused", help="fused | torch")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=_plan_command)
     return p
 
 
-def plan_main(argv: Optional[list[str]] = None) -> int:
-    """``padmoe plan ...``: prints the plan; exit 0 when it fits, 2 (one line on stderr) on bad input or no fit."""
-    args = _parser().parse_args(argv)
-    try:
-        ep = args.ep
-        if ep is None:
-            try:
-                ep = math.gcd(args.nodes * args.gpus_per_node, get_arch(args.preset).num_experts)
-            except ValueError:
-                ep = 1
-        req = PlanRequest(preset=args.preset, kappa=args.kappa, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                          ep=ep, zero=args.zero, dtype=args.dtype, micro_batch=args.micro_batch, seq=args.seq,
-                          target_seq=args.target_seq, mode=args.mode, grad_accum=args.grad_accum,
-                          capacity_factor=args.capacity_factor, min_capacity=args.min_capacity,
-                          dropout=not args.no_dropout, compact=args.compact,
-                          experts=args.experts, optimizer=args.optimizer, reduce_bucket=int(args.reduce_bucket),
-                          gpu_mem=None if str(args.gpu_mem).lower() == "none" else parse_bytes(args.gpu_mem),
-                          overhead=parse_bytes(args.overhead))
-        result = plan(req)
-    except PlanError as err:
-        print(f"padmoe plan: error: {err}", file=sys.stderr)
-        return 2
+def _plan_command(args) -> int:
+    """Prints the plan; exit 0 when it fits, 2 (one line on stderr) when it does not (bad input raises PlanError)."""
+    ep = args.ep
+    if ep is None:
+        try:
+            ep = math.gcd(args.nodes * args.gpus_per_node, get_arch(args.preset).num_experts)
+        except ValueError:
+            ep = 1
+    req = PlanRequest(preset=args.preset, kappa=args.kappa, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                      ep=ep, zero=args.zero, dtype=args.dtype, micro_batch=args.micro_batch, seq=args.seq,
+                      target_seq=args.target_seq, mode=args.mode, grad_accum=args.grad_accum,
+                      capacity_factor=args.capacity_factor, min_capacity=args.min_capacity,
+                      dropout=not args.no_dropout, compact=args.compact,
+                      experts=args.experts, optimizer=args.optimizer, reduce_bucket=int(args.reduce_bucket),
+                      gpu_mem=None if str(args.gpu_mem).lower() == "none" else parse_bytes(args.gpu_mem),
+                      overhead=parse_bytes(args.overhead, "--overhead"))
+    result = plan(req)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
     if result["fits"] is False:
         b = result["bytes_per_rank"]
@@ -323,6 +330,13 @@ def plan_main(argv: Optional[list[str]] = None) -> int:
               f"{req.gpu_mem / GIB:.1f} GiB; try {advice(result)}", file=sys.stderr)
         return 2
     return 0
+
+
+def plan_main(argv: Optional[list[str]] = None) -> int:
+    """``padmoe plan ...``: prints the plan; exit 0 when it fits, 2 (one line on stderr) on bad input or no fit."""
+    from pad_moe.cli import run_command
+
+    return run_command(register, argv)
 
 
 if __name__ == "__main__":
