@@ -7,15 +7,15 @@ scalars), and the resolved tree is saved as ``config.yaml`` in the run directory
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
 
 from pad_moe.checks import at_least as _at_least
 from pad_moe.checks import choice as _choice
+from pad_moe.config_tree import SECTIONS, _checked, _short, apply_overrides, from_dict, read_yaml_file, to_dict
 from pad_moe.moe.ffn import ACTIVATIONS
 from pad_moe.moe.layer import MASK_SHARING, MODES
 from pad_moe.pad.granularity import GRANULARITIES
@@ -41,8 +41,10 @@ class MoEConfig:
     """Expert capacity factor during evaluation."""
     min_capacity: int = 4
     """Minimum tokens per expert regardless of the capacity factor."""
-    drop_tokens: bool = True
-    """False: dropless routing (capacity grows to the busiest expert; adds one all-reduce per forward)."""
+    drop_tokens: Optional[bool] = None
+    """True: capacity dispatch (tokens over an expert's capacity lose that route) | False: dropless (capacity grows to
+    the busiest expert; one all-reduce per forward) | null: dropless for upcycled models (model.arch=hf, so they start
+    as their dense original), capacity for models built from scratch. The run's config.yaml saves it resolved."""
     noisy_gate_policy: Optional[str] = None
     """None, 'Jitter' or 'RSample' (DeepSpeed's gate noise)."""
     use_rts: bool = True
@@ -91,11 +93,17 @@ class MoEConfig:
             raise ValueError("moe.compact=true needs moe.granularity=neuron and moe.mask_sharing=layer, got "
                              f"granularity={self.granularity}, mask_sharing={self.mask_sharing}")
 
+    def resolve_drop_tokens(self, upcycled: bool) -> bool:
+        """moe.drop_tokens as set, else the default of the model family: dropless (False) for an upcycled model,
+        capacity dispatch (True) for one built from scratch. The only place that default is decided."""
+        return (not upcycled) if self.drop_tokens is None else self.drop_tokens
+
 
 PARTITION_METHODS = ("imp", "random", "moe_p")
 SCORERS = ("snip", "magnitude", "random")
 SCOPES = ("global", "layer")
 SCHEDULES = ("exponential", "linear")
+SCORE_LOSSES = ("task", "task+aux")
 
 
 @dataclass
@@ -119,7 +127,11 @@ class PartitionConfig:
     num_batches: int = 10
     """Mini-batches scored per round (global batches, split across data-parallel ranks)."""
     seed: int = 0
-    """Seed for random scorers / partitions."""
+    """Seed for random scorers / partitions, and of the RNG that scoring draws from (dropout, gate noise)."""
+    nested: bool = True
+    """true: a static entry stays static (paper §4.2); false: every round re-scores all entries."""
+    score_loss: str = "task"
+    """Loss IMP scores with: the task loss (paper) | task + aux_loss_coef·load-balancing loss."""
     warmup_steps: int = 0
     """Train this many steps fully dynamic (all masks 1) before partitioning. An exactly upcycled model has
     W_k = W_s, so |∂L/∂M| = |∂L/∂Θ ⊙ (λd·W_k − λs·W_s)| is zero everywhere until the experts have diverged."""
@@ -134,31 +146,39 @@ class PartitionConfig:
         _choice(o, "scorer", self.scorer, SCORERS)
         _choice(o, "scope", self.scope, SCOPES)
         _choice(o, "schedule", self.schedule, SCHEDULES)
+        _choice(o, "score_loss", self.score_loss, SCORE_LOSSES)
         _at_least(o, "num_batches", self.num_batches, 1)
+
+
+HF_SIZES = {"hidden_size": "hidden_size", "ffn_size": "intermediate_size", "num_heads": "num_attention_heads",
+            "vocab_size": "vocab_size", "max_seq_len": "max_position_embeddings", "num_layers": "num_hidden_layers"}
+"""ModelConfig size field -> the attribute of a Hugging Face config that a pretrained model's sizes come from."""
 
 
 @dataclass
 class ModelConfig:
-    """The backbone. ``preset`` fills the architecture; explicit fields override it."""
+    """The backbone. ``preset`` fills the architecture; explicit fields override it. A pretrained model (arch=hf)
+    takes its sizes from its own config.json; a preset or explicit size that contradicts it is refused."""
 
-    preset: str = "debug"
-    """A name from ``pad_moe.presets.MODEL_PRESETS`` (``padmoe presets`` lists them)."""
+    preset: Optional[str] = None
+    """A name from ``pad_moe.presets.MODEL_PRESETS`` (``padmoe presets`` lists them); null: ``debug`` for arch=toy,
+    none for arch=hf (sizes from the checkpoint, moe from the MoEConfig defaults) and vision."""
     arch: str = "toy"
-    """toy (pad_moe's small encoder) | hf (a Hugging Face encoder, upcycled)."""
+    """toy (pad_moe's small encoder) | hf (a Hugging Face encoder, upcycled) | switch | vision."""
     path: Optional[str] = None
     """hf: a local Hugging Face model directory, or ``minilm`` (all-MiniLM-L6-v2 from the offline pip package)."""
-    hidden_size: int = 32
-    """Model width H."""
-    ffn_size: int = 64
-    """FFN width F."""
-    num_layers: int = 2
-    """Encoder layers (hf: load the first N layers of the checkpoint)."""
-    num_heads: int = 2
-    """Attention heads."""
-    vocab_size: int = 64
-    """Toy vocabulary size."""
-    max_seq_len: int = 16
-    """Maximum sequence length (tokens)."""
+    hidden_size: Optional[int] = None
+    """Model width H (hf: the checkpoint's hidden_size)."""
+    ffn_size: Optional[int] = None
+    """FFN width F (hf: intermediate_size)."""
+    num_layers: Optional[int] = None
+    """Encoder layers (hf: the first N <= the checkpoint's num_hidden_layers; null: all of them)."""
+    num_heads: Optional[int] = None
+    """Attention heads (hf: num_attention_heads)."""
+    vocab_size: Optional[int] = None
+    """Vocabulary size (hf: vocab_size)."""
+    max_seq_len: Optional[int] = None
+    """Maximum sequence length in tokens (hf: max_position_embeddings)."""
     dropout: float = 0.0
     """Dropout probability in the toy encoder."""
     pooling: str = "cls"
@@ -168,13 +188,97 @@ class ModelConfig:
         o = "model"
         _choice(o, "arch", self.arch, ("toy", "hf", "switch", "vision"))
         _choice(o, "pooling", self.pooling, ("cls", "mean"))
-        for name in ("hidden_size", "ffn_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"):
-            _at_least(o, name, getattr(self, name), 1)
-        if self.hidden_size % self.num_heads:
+        for name in HF_SIZES:
+            if getattr(self, name) is not None:
+                _at_least(o, name, getattr(self, name), 1)
+        if self.arch in ("toy", "switch"):
+            self._fill_from_preset()
+        elif self.arch == "hf":
+            self.check_checkpoint(required=False)
+        if self.hidden_size is not None and self.num_heads is not None and self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
                              f"{self.num_heads}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    def _fill_from_preset(self) -> None:
+        """toy / switch built in Python without a YAML: unset sizes are the preset's (toy: ``debug``)."""
+        if self.arch == "toy" and self.preset is None:
+            self.preset = "debug"
+        if self.preset is None:
+            raise ValueError(f"model.arch={self.arch} needs model.preset (padmoe presets lists them)")
+        if all(getattr(self, name) is not None for name in HF_SIZES):
+            return
+        from pad_moe.presets import MODEL_PRESETS
+
+        if self.preset not in MODEL_PRESETS:
+            raise ValueError(f"model.preset={self.preset!r} does not exist; known presets: "
+                             f"{', '.join(sorted(MODEL_PRESETS))}")
+        values = MODEL_PRESETS[self.preset]["model"]
+        for name in HF_SIZES:
+            if getattr(self, name) is None:
+                if name not in values:
+                    raise ValueError(f"model.{name} is not set and model.preset={self.preset} has none; set it")
+                setattr(self, name, values[name])
+
+    def check_checkpoint(self, required: bool) -> Optional[str]:
+        """arch=hf: the checkpoint directory, after filling the unset sizes from its config.json and refusing the set
+        ones that contradict it (``num_layers`` may be fewer than the checkpoint's). Not required (config loading):
+        a config whose sizes are all set may name no directory or one not on this machine (a saved run's config),
+        and then None is returned; the job build requires it."""
+        missing = [name for name in HF_SIZES if getattr(self, name) is None]
+        if self.path is None:
+            if required or missing:
+                raise ValueError("model.arch=hf needs model.path: a local Hugging Face model directory, or minilm "
+                                 "(its config.json gives the model's sizes)")
+            return None
+        try:
+            directory = _hf_model_dir(self.path)
+        except ValueError:
+            if required or missing:
+                raise
+            return None
+        hf = _hf_config(directory)
+        source = f"{directory}/config.json"
+        via = f" (model.preset={self.preset})" if self.preset else ""
+        for name, key in HF_SIZES.items():
+            theirs = getattr(hf, key, None)
+            if not isinstance(theirs, int) or isinstance(theirs, bool):
+                raise ValueError(f"{source} has no integer {key} (got {theirs!r}); model.arch=hf supports "
+                                 "BERT-style encoders (BERT, RoBERTa, ELECTRA, MiniLM) and ALBERT")
+            ours = getattr(self, name)
+            if ours is None:
+                setattr(self, name, theirs)
+            elif name == "num_layers" and ours > theirs:
+                raise ValueError(f"model.num_layers={ours}{via} but {source} has num_hidden_layers={theirs}: "
+                                 f"model.num_layers may select the first N <= {theirs} layers")
+            elif name != "num_layers" and ours != theirs:
+                raise ValueError(f"model.{name}={ours}{via} contradicts {source}: {key}={theirs}; drop "
+                                 f"model.{name} (a pretrained model's sizes come from its config.json) or fix model.path")
+        return directory
+
+
+def _hf_model_dir(path: str) -> str:
+    """model.path as a directory holding config.json (``minilm``: the offline package's)."""
+    if path == "minilm":
+        from pad_moe.models.minilm import minilm_dir
+
+        path = minilm_dir()
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model.path={path!r} is not a Hugging Face model directory (no config.json); "
+                         "pass a local directory or 'minilm'")
+    return path
+
+
+def _hf_config(directory: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - a malformed or unknown config: one line naming it
+        text = " ".join(str(err).split())[:200]
+        raise ValueError(f"{directory}/config.json cannot be read as a Hugging Face config "
+                         f"({type(err).__name__}: {text})") from None
 
 
 @dataclass
@@ -263,6 +367,8 @@ class TrainConfig:
     """Steps between evaluations (0: at the end of every epoch); there is always one at the end."""
     checkpoint_every: int = 0
     """Steps between checkpoints (0: at the end only)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk, newest first (0: keep all); a save only replaces one once it is complete."""
     dynamics_batches: int = 4
     """MoE runs: at every evaluation, the dynamic-property scalars (paper Fig. 6: parameter and output variance across
     tokens, per layer) over this many eval micro-batches per rank (0: off; the expert weights are all-gathered)."""
@@ -277,7 +383,7 @@ class TrainConfig:
         _choice(o, "zero_stage", self.zero_stage, (None, 0, 1, 2, 3))
         for name in ("micro_batch_size", "grad_accum", "epochs"):
             _at_least(o, name, getattr(self, name), 1)
-        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "dynamics_batches"):
+        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "dynamics_batches"):
             _at_least(o, name, getattr(self, name), 0)
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr} must be > 0")
@@ -304,8 +410,15 @@ class RunConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
 
     def __post_init__(self):
-        if self.model.arch == "switch" and self.data.task != "span_corruption":
-            raise ValueError(f"model.arch=switch trains on data.task=span_corruption, got data.task={self.data.task}")
+        arch, task = self.model.arch, self.data.task
+        if arch == "switch" and task != "span_corruption":
+            raise ValueError(f"model.arch=switch trains on data.task=span_corruption, got data.task={task}")
+        if arch == "toy" and task != "synthetic":
+            raise ValueError(f"model.arch=toy trains only data.task=synthetic, got data.task={task}; for {task} use "
+                             "model.arch=hf model.path=DIR (or model.preset=minilm-2l)")
+        if arch == "vision" and task != "synthetic":
+            raise ValueError(f"model.arch=vision reads vision.dataset, not data.task={task}; drop data.task")
+        self.moe.drop_tokens = self.moe.resolve_drop_tokens(upcycled=arch == "hf")  # saved resolved
         if self.moe.compact and self.partition.warmup_steps:
             raise ValueError(f"moe.compact=true needs the partition before training (partition.warmup_steps=0, got "
                              f"{self.partition.warmup_steps}): a compacted layer changes shape, the engine cannot")
@@ -317,87 +430,21 @@ class RunConfig:
         return os.path.join(self.output_dir, self.name)
 
 
-# -- building, overriding, saving ------------------------------------------------------------------------------------
-def from_dict(cls, data: dict[str, Any], path: str = ""):
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ValueError(f"unknown config key {where}{unknown[0]}; known keys: {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, value in data.items():
-        ftype = known[name].type
-        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        where = f"{path}.{name}" if path else name
-        kwargs[name] = from_dict(sub, value, where) if sub else _coerce(where, str(ftype), value)
-    return cls(**kwargs)
-
-
-def _coerce(where: str, ftype: str, value):
-    """Check a scalar against its field type; accept YAML's strings for numbers such as '3e-3' (YAML 1.1 reads an
-    exponent without a dot as a string)."""
-    optional = ftype.startswith("Optional[")
-    base = ftype[len("Optional["):-1] if optional else ftype
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{where} may not be null")
-    if base == "float" and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}={value!r} is not a number") from None
-    if base == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"{where}={value!r} is not an integer")
-    if base == "bool" and not isinstance(value, bool):
-        raise ValueError(f"{where}={value!r} is not true/false")
-    if base == "str" and not isinstance(value, str):
-        raise ValueError(f"{where}={value!r} is not a string")
-    return value
-
-
-def to_dict(cfg) -> dict[str, Any]:
-    out = dataclasses.asdict(cfg)
-    out["train"]["betas"] = list(out["train"]["betas"])
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides to a nested dict (values parsed as YAML scalars)."""
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (e.g. moe.num_experts=4)")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {key!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    return data
-
-
+# -- loading and saving (the generic machinery is pad_moe.config_tree) --------------------------------------------
 def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> RunConfig:
     """RunConfig from a YAML file (or the defaults), the model preset, then ``key=value`` overrides."""
     from pad_moe.presets import apply_model_preset
 
-    data: dict[str, Any] = {}
+    data: Any = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"config file {path!r} does not exist; pass a YAML file (see configs/)")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ValueError(f"config file {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        data = read_yaml_file(path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping of sections (name, model, moe, partition, "
+                             f"data, train, ...), got {type(data).__name__} {_short(data)}")
     data = apply_overrides(data, list(overrides))
+    data = _checked(RunConfig, data, "")  # types and structure before the preset fills in its values
     data = apply_model_preset(data)
     return from_dict(RunConfig, data)
 
@@ -407,5 +454,5 @@ def save_config(cfg: RunConfig, path: str) -> None:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-_DATACLASSES = {c.__name__: c for c in (MoEConfig, PartitionConfig, ModelConfig, DataConfig, TrainConfig,
-                                         VisionConfig)}
+SECTIONS.update({c.__name__: c for c in (MoEConfig, PartitionConfig, ModelConfig, DataConfig, TrainConfig,
+                                        VisionConfig)})

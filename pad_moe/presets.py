@@ -18,16 +18,15 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "moe": {"num_experts": 4, "k": 2, "min_capacity": 0, "granularity": "neuron", "compact": True},
     },
     # all-MiniLM-L6-v2 (6 layers, H=384, F=1536; offline pip package), 8 experts top-2 on every FFN (paper setup).
+    # Its sizes come from its own config.json; upcycled models are dropless unless moe.drop_tokens=true.
     "minilm": {
-        "model": {"arch": "hf", "path": "minilm", "num_layers": 6, "hidden_size": 384, "ffn_size": 1536,
-                  "num_heads": 12, "vocab_size": 30522, "max_seq_len": 512, "pooling": "mean"},
-        "moe": {"num_experts": 8, "k": 2, "drop_tokens": False, "min_capacity": 0},
+        "model": {"arch": "hf", "path": "minilm", "pooling": "mean"},
+        "moe": {"num_experts": 8, "k": 2, "min_capacity": 0},
     },
     # Its first two layers: a real pretrained model that trains in minutes on 2 CPU cores.
     "minilm-2l": {
-        "model": {"arch": "hf", "path": "minilm", "num_layers": 2, "hidden_size": 384, "ffn_size": 1536,
-                  "num_heads": 12, "vocab_size": 30522, "max_seq_len": 512, "pooling": "mean"},
-        "moe": {"num_experts": 8, "k": 2, "drop_tokens": False, "min_capacity": 0},
+        "model": {"arch": "hf", "path": "minilm", "num_layers": 2, "pooling": "mean"},
+        "moe": {"num_experts": 8, "k": 2, "min_capacity": 0},
     },
     # A wider toy encoder (BERT-base FFN shape, 2 layers) for benchmarks.
     "toy-bert-ffn": {
@@ -57,15 +56,30 @@ def preset_names() -> list[str]:
 
 
 def apply_model_preset(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``data`` from the preset named in data['model']['preset'] (default 'debug'), explicit keys first."""
+    """Fill ``data`` from the preset named in data['model']['preset'], explicit keys first.
+
+    No preset: ``debug`` for model.arch=toy (the default arch); none otherwise (hf: the sizes come from the checkpoint's
+    config.json and the moe section from the MoEConfig defaults; switch needs a preset; vision has its own section).
+    A preset made for another model.arch than the one set explicitly is refused.
+    """
     model = data.setdefault("model", {})
     if not isinstance(model, dict):
         raise ValueError(f"model must be a mapping, got {type(model).__name__}")
-    name = model.get("preset", "debug")
+    name = model.get("preset")
+    if name is None:
+        if model.get("arch", "toy") != "toy":
+            return data
+        name = model["preset"] = "debug"
     if name not in MODEL_PRESETS:
         raise ValueError(f"model.preset={name!r} does not exist; known presets: {', '.join(preset_names())}")
+    preset_arch = MODEL_PRESETS[name]["model"].get("arch", "toy")
+    if model.get("arch", preset_arch) != preset_arch:
+        raise ValueError(f"model.preset={name} is a model.arch={preset_arch} preset, but model.arch={model['arch']}; "
+                         f"drop model.preset or pick a model.arch={model['arch']} preset (padmoe presets)")
     for section, values in MODEL_PRESETS[name].items():
         target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"{section} must be a mapping, got {type(target).__name__}")
         for key, value in values.items():
             target.setdefault(key, value)
     return data

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pad_moe.config import DataConfig, ModelConfig, MoEConfig
+from pad_moe.config import DataConfig, ModelConfig, MoEConfig, RunConfig
 from pad_moe.moe.layer import build_ffn_block
+from pad_moe.train.job import Batch, Job, accuracy
+from pad_moe.train.registry import register_job
 
 
 def ffn_block_kwargs(moe: MoEConfig, ep_rank: int, seed: int) -> dict:
@@ -18,7 +20,8 @@ def ffn_block_kwargs(moe: MoEConfig, ep_rank: int, seed: int) -> dict:
     return dict(num_experts=moe.num_experts, k=moe.k, ep_size=moe.ep_size, ep_rank=ep_rank,
                 activation=moe.activation, capacity_factor=moe.capacity_factor,
                 eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
-                drop_tokens=moe.drop_tokens, noisy_gate_policy=moe.noisy_gate_policy, use_rts=moe.use_rts,
+                drop_tokens=moe.resolve_drop_tokens(upcycled=False), noisy_gate_policy=moe.noisy_gate_policy,
+                use_rts=moe.use_rts,
                 second_expert_sampling=moe.second_expert_sampling, granularity=moe.granularity,
                 mask_sharing=moe.mask_sharing, scale_mode=moe.scale_mode, seed=seed)
 
@@ -90,3 +93,24 @@ def synthetic_dataset(model: ModelConfig, data: DataConfig, split: str) -> torch
     uniform = torch.randint(0, V, (n, T), generator=g)
     tokens = torch.where(torch.rand(n, T, generator=g) < 0.45, in_band, uniform)
     return torch.utils.data.TensorDataset(tokens, torch.ones(n, T, dtype=torch.long), labels)
+
+
+def _collate(items: list) -> Batch:
+    tokens, attn, labels = (torch.stack(x) for x in zip(*items))
+    return {"input_ids": tokens, "attention_mask": attn, "labels": labels}
+
+
+def _forward(model: nn.Module, batch: Batch):
+    return model(batch["input_ids"], batch["attention_mask"])
+
+
+@register_job("toy")
+def build_toy_job(cfg: RunConfig, ep_rank: int) -> Job:
+    """The toy encoder (seeded by train.seed) on the synthetic task (the config refuses any other data.task)."""
+    if cfg.data.task != "synthetic":  # RunConfig refuses it; a config changed after validation is refused here
+        raise ValueError(f"model.arch=toy trains only data.task=synthetic, got data.task={cfg.data.task}")
+    torch.manual_seed(cfg.train.seed)
+    model = ToyClassifier(cfg.model, cfg.moe, cfg.data.num_labels, ep_rank=ep_rank, seed=cfg.train.seed)
+    return Job(model=model, train_set=synthetic_dataset(cfg.model, cfg.data, "train"),
+               eval_sets={"eval": synthetic_dataset(cfg.model, cfg.data, "eval")}, collate=_collate,
+               forward=_forward, num_labels=cfg.data.num_labels, metrics=accuracy, main_metric="accuracy")

@@ -43,7 +43,10 @@ def test_every_deepspeed_json_is_valid_for_deepspeed_and_carries_no_batch_size(p
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
 def test_every_preset_resolves(preset):
     cfg = load_config(None, [f"model.preset={preset}"])
-    assert cfg.model.hidden_size == MODEL_PRESETS[preset]["model"]["hidden_size"]
+    for key, value in MODEL_PRESETS[preset]["model"].items():  # a pretrained model's preset names few sizes
+        assert getattr(cfg.model, key) == value
+    assert None not in (cfg.model.hidden_size, cfg.model.ffn_size, cfg.model.num_layers, cfg.model.num_heads,
+                        cfg.model.vocab_size, cfg.model.max_seq_len)  # the rest from its config.json
 
 
 def test_overrides_win_over_presets_and_the_saved_config_round_trips(tmp_path):

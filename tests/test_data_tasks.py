@@ -179,8 +179,8 @@ def test_hub_failure_is_one_line_naming_data_files(tokenizer, monkeypatch):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub\n(offline mode is enabled)")
 
     monkeypatch.setattr(glue_module, "load_dataset", offline)
-    message = one_line_error(lambda: load_task("mnli", tokenizer), "could not be loaded from the hub")
-    assert "data_files={'train': PATH, 'validation_matched': PATH, 'validation_mismatched': PATH}" in message
+    message = one_line_error(lambda: load_task("mnli", tokenizer), "GLUE task mnli")
+    assert "data.data_files={train: PATH, validation_matched: PATH, validation_mismatched: PATH}" in message
 
 
 def test_bad_input_gives_one_line_errors(tokenizer, tmp_path):

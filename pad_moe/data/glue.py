@@ -90,14 +90,33 @@ def read_data_files(info: TaskInfo, data_files: dict[str, str]) -> dict[str, Dat
     return splits
 
 
+def data_files_hint(info: TaskInfo) -> str:
+    """How to give a task's splits as local files, in config syntax."""
+    splits = ", ".join(f"{s}: PATH" for s in ("train", *info.eval_splits))
+    return f"data.data_files={{{splits}}} (csv, tsv, json(l) or parquet; load_task(..., data_files=...) in Python)"
+
+
+def hub_offline() -> bool:
+    """Whether ``datasets`` may not reach the hub (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE; ``padmoe`` sets them)."""
+    import datasets.config
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
 def load_glue_hub(info: TaskInfo) -> dict[str, Dataset]:
-    """The task's train and eval splits from the Hugging Face hub (or its local cache when offline)."""
+    """The task's train and eval splits from the Hugging Face hub (or its local cache when offline).
+
+    Offline with nothing cached, or the hub unreachable: one line naming ``data.data_files``.
+    """
     try:
         loaded = load_dataset(GLUE_HUB_ID, info.name)
     except Exception as error:  # noqa: BLE001 - offline, no cache, hub down: one line saying what to do
-        raise ValueError(f"GLUE task {info.name!r} could not be loaded from the hub {GLUE_HUB_ID} "
-                         f"({_one_line(error)}); offline, give local files: data_files={{'train': PATH, "
-                         f"{', '.join(repr(s) + ': PATH' for s in info.eval_splits)}}}") from error
+        if hub_offline():
+            raise ValueError(f"GLUE task {info.name} is not in the local Hugging Face datasets cache and the hub is "
+                             f"off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): give the task's files with "
+                             f"{data_files_hint(info)}") from None
+        raise ValueError(f"GLUE task {info.name} could not be loaded from the hub {GLUE_HUB_ID} "
+                         f"({_one_line(error)}); give local files with {data_files_hint(info)}") from error
     missing = [s for s in info.splits if s not in loaded]
     if missing:
         raise ValueError(f"hub dataset {GLUE_HUB_ID}/{info.name} lacks split(s) {', '.join(missing)}; "

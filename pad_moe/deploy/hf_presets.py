@@ -5,7 +5,9 @@ config (bert-base-uncased, roberta-base, albert-base-v2, google/electra-base-dis
 the bare encoder (no pooler, no task head: the paper's counting convention) on the meta device by default.
 
 ``MODEL_PRESET_ENTRIES`` is the same data in the layout of ``pad_moe.presets.MODEL_PRESETS`` (ModelConfig fields), for
-the presets registry; training from these presets still needs the pretrained weights (``model.path``).
+the presets registry; training from these presets still needs the pretrained weights (``model.path``), whose
+config.json must agree with the preset's sizes. Like every upcycled model they route dropless (``moe.drop_tokens``
+unset), so the upcycled model starts as its dense original; capacity dispatch is ``moe.drop_tokens=true``.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def _entry(name: str) -> dict:
     return {"model": {"arch": "hf", "hidden_size": c["hidden_size"], "ffn_size": c["intermediate_size"],
                       "num_layers": c["num_hidden_layers"], "num_heads": c["num_attention_heads"],
                       "vocab_size": c["vocab_size"], "max_seq_len": c["max_position_embeddings"]},
-            "moe": {"num_experts": 8, "k": 2}}
+            "moe": {"num_experts": 8, "k": 2}}  # no drop_tokens: an upcycled model is dropless unless asked
 
 
 MODEL_PRESET_ENTRIES: dict[str, dict[str, dict[str, Any]]] = {name: _entry(name) for name in HF_PRESETS}

@@ -209,10 +209,12 @@ def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: 
 
 
 def upcycle_from_config(hf_model: nn.Module, moe_cfg, ep_rank: int = 0) -> nn.Module:
-    """``upcycle`` with the fields of a ``pad_moe.config.MoEConfig`` (its ``drop_tokens`` is used as set there)."""
+    """``upcycle`` with the fields of a ``pad_moe.config.MoEConfig``. An unset ``drop_tokens`` (None) is dropless, as
+    for every upcycled model (``MoEConfig.resolve_drop_tokens``); capacity dispatch needs ``drop_tokens=True``."""
     kwargs = {name: getattr(moe_cfg, name) for name in _UPCYCLE_FIELDS}
+    kwargs["drop_tokens"] = moe_cfg.resolve_drop_tokens(upcycled=True)
     upcycle(hf_model, ep_size=moe_cfg.ep_size, ep_rank=ep_rank, **kwargs)
-    hf_model.pad_moe_upcycle.moe_config = asdict(moe_cfg)
+    hf_model.pad_moe_upcycle.moe_config = {**asdict(moe_cfg), "drop_tokens": kwargs["drop_tokens"]}
     return hf_model
 
 
@@ -226,6 +228,30 @@ def reset_stats(model: nn.Module) -> None:
 
 def _reset_stats_hook(module: nn.Module, _args) -> None:
     reset_stats(module)  # a top-level forward starts
+
+
+class MeanPoolClassifier(nn.Module):
+    """A Hugging Face sequence classifier that pools by the mean of the real tokens' last hidden states instead of
+    its [CLS] pooler: how sentence encoders such as all-MiniLM-L6-v2 were trained. The unused pooler is frozen."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        if not isinstance(getattr(hf_model, "classifier", None), nn.Linear):
+            raise ValueError(f"model.pooling=mean needs a classifier that is one nn.Linear on the pooled vector; "
+                             f"{type(hf_model).__name__} has another head: use model.pooling=cls")
+        self.hf = hf_model
+        pooler = getattr(hf_model.base_model, "pooler", None)
+        for p in pooler.parameters() if pooler is not None else ():
+            p.requires_grad_(False)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        reset_stats(self.hf)  # the upcycled model's own forward (which resets them) is bypassed
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        h_BTH = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        w_BT1 = attention_mask.unsqueeze(-1).to(h_BTH.dtype)
+        pooled = (h_BTH * w_BT1).sum(1) / w_BT1.sum(1).clamp_min(1)
+        head = self.hf.classifier
+        return head(self.hf.dropout(pooled)) if hasattr(self.hf, "dropout") else head(pooled)
 
 
 # -- auxiliary loss and expert load ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pad_moe.switch import data as D
 from pad_moe.switch.model import build_switch
 from pad_moe.switch.presets import SWITCH_ALIASES, SWITCH_ARCHS, SwitchArch, get_arch
 from pad_moe.train.job import Job
+from pad_moe.train.registry import register_job
 
 DEFAULT_Z_LOSS_COEF = 0.001
 """Router z-loss coefficient (Hugging Face / ST-MoE default) when the config has no ``moe.router_z_loss_coef``."""
@@ -65,6 +66,7 @@ def switch_texts(cfg) -> list[str]:
     return texts if texts else D.toy_texts(max(cfg.data.train_size, 64), seed=cfg.data.seed)
 
 
+@register_job("switch")
 def build_switch_job(cfg, ep_rank: int) -> Seq2SeqJob:
     """Span-corruption pre-training of the Switch backbone named by ``cfg.model.preset`` (mode ``cfg.moe.mode``).
 
@@ -86,7 +88,8 @@ def build_switch_job(cfg, ep_rank: int) -> Seq2SeqJob:
     model = build_switch(arch, moe.mode, z_loss_coef=z_coef, aux_loss_coef=moe.aux_loss_coef, seed=cfg.train.seed,
                          ep_size=moe.ep_size, ep_rank=ep_rank, k=moe.k, capacity_factor=moe.capacity_factor,
                          eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
-                         drop_tokens=moe.drop_tokens, noisy_gate_policy=moe.noisy_gate_policy, use_rts=moe.use_rts,
+                         drop_tokens=moe.resolve_drop_tokens(upcycled=False),
+                         noisy_gate_policy=moe.noisy_gate_policy, use_rts=moe.use_rts,
                          granularity=moe.granularity, mask_sharing=moe.mask_sharing, scale_mode=moe.scale_mode)
     collate = functools.partial(D.collate, input_length=L, target_length=train_set.target_length)
     return Seq2SeqJob(model=model, train_set=train_set, eval_sets={"eval": eval_set}, collate=collate,

@@ -1,4 +1,4 @@
-"""The training job of a vision run, for pad_moe's trainer (``pad_moe.train.job.Job``).
+"""The training job of a vision run (``model.arch=vision``), registered for pad_moe's trainer (``pad_moe.train.job.Job``).
 
 Batches are ``{"images": (B, C, H, W) float, "labels": (B,) int64}``. ``job.extras`` carries what the trainer wires:
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pad_moe.train.job import Batch, Job
+from pad_moe.train.registry import register_job
 from pad_moe.vision.config import VisionConfig
 from pad_moe.vision.data import (
     NORMALISATION,
@@ -118,6 +119,12 @@ def build_vision_job(cfg: VisionConfig, seed: int) -> VisionJob:
     return VisionJob(model=model, train_set=train_set, eval_sets={"test": test_set}, collate=collate_images,
                      forward=vision_forward, num_labels=cfg.num_classes, metrics=accuracy, main_metric="accuracy",
                      extras=extras, label_smoothing=cfg.label_smoothing)
+
+
+@register_job("vision")
+def build_vision_run_job(cfg, ep_rank: int) -> VisionJob:
+    """The trainer's entry point: the ``vision`` section of RunConfig ``cfg``, seeded by train.seed (no experts)."""
+    return build_vision_job(cfg.vision, cfg.train.seed)
 
 
 def on_step(model: nn.Module, step: int, steps_per_epoch: int, schedule: TemperatureSchedule | None = None) -> float:
