@@ -12,13 +12,11 @@ from typing import Any
 
 import torch
 
+from pad_moe.checkpoint_io import weights_only_load
 from pad_moe.config import RunConfig
+from pad_moe.errors import UsageError  # re-exported: D.UsageError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class UsageError(ValueError):
-    """Bad user input (config, files, world size): reported as one line, exit status 2."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -28,13 +26,22 @@ def init_distributed() -> tuple[int, int]:
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29512")
+        if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())  # one process without a launcher: any free port
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def device() -> torch.device:
@@ -111,6 +118,18 @@ def build_ds_config(cfg: RunConfig, world: int, total_steps: int) -> dict[str, A
     return ds
 
 
+def check_ds_config(ds: dict[str, Any], path: str) -> None:
+    """Parse ``ds`` as DeepSpeed will at initialize, so that a bad key is one line before anything is created."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(json.loads(json.dumps(ds)))
+    except Exception as err:  # noqa: BLE001 - pydantic ValidationError, DeepSpeedConfigError, assertion errors
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
+        raise UsageError(f"train.ds_config={path!r} is not a valid DeepSpeed config: {' / '.join(lines[:3])[:300]}; "
+                         "fix that key in the JSON") from None
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups (no decay for biases, norms, φ and masks' neighbours), split into MoE / non-MoE groups."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -125,17 +144,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
 
 
-def initialize_engine(model: torch.nn.Module, cfg: RunConfig, world: int, total_steps: int):
-    """deepspeed.initialize with pad_moe's config; returns (engine, ds_config)."""
+def initialize_engine(model: torch.nn.Module, cfg: RunConfig, world: int, total_steps: int,
+                      ds: dict[str, Any] | None = None):
+    """deepspeed.initialize with pad_moe's config (``ds``: one already built by build_ds_config); returns (engine,
+    ds_config). The engine loads checkpoints with weights_only=True."""
     import deepspeed
 
-    ds = build_ds_config(cfg, world, total_steps)
+    ds = build_ds_config(cfg, world, total_steps) if ds is None else ds
     groups = param_groups(model, cfg.train.weight_decay)
     optimizer = None
     if cfg.train.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
                                            optimizer=optimizer, config=ds)
+    use_weights_only_checkpoints(engine)
     return engine, ds
 
 
@@ -190,3 +212,20 @@ def detach_expert_groups(model: torch.nn.Module) -> None:
         if isinstance(module, MoE):
             module.deepspeed_moe.ep_group = None
             module.deepspeed_moe.gate.ep_group = None
+
+
+def use_weights_only_checkpoints(engine) -> None:
+    """Make the engine load every checkpoint file with weights_only=True (DeepSpeed's torch engine passes
+    weights_only=False: a tampered checkpoint could run code). Saving is unchanged."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise UsageError(f"the DeepSpeed checkpoint engine {type(current).__name__} cannot be made to load with "
+                         "weights_only=True; remove its section (nebula, fast/decoupled writers) from train.ds_config")
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return weights_only_load(path, map_location)
+
+    current.__class__ = WeightsOnlyCheckpointEngine

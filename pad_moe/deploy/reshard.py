@@ -37,7 +37,8 @@ from pad_moe.deploy.checkpoint import (
     read_optimizer_state,
     with_ep_size,
 )
-from pad_moe.distributed import UsageError
+from pad_moe.errors import UsageError
+from pad_moe.train.checkpoints import point_latest, write_manifest
 
 PAYLOAD = ".reshard_payload.pt"
 SUMMARY = "reshard.json"
@@ -50,7 +51,10 @@ def reshard(checkpoint_dir: str, ep: int, world: int, out: str, *, tag: Optional
     from pad_moe.deploy.consolidate import full_weights
     from pad_moe.testing.ranks import run_ranks
 
-    if ep < 1 or world < 1 or world % ep:
+    for flag, value in (("--ep", ep), ("--world", world)):
+        if value < 1:
+            raise UsageError(f"{flag} {value} must be >= 1")
+    if world % ep:
         raise UsageError(f"--ep {ep} must divide --world {world} (DeepSpeed forms expert-parallel groups of ep "
                          "consecutive ranks)")
     writer = AtomicDir(out, "run")
@@ -71,7 +75,7 @@ def reshard(checkpoint_dir: str, ep: int, world: int, out: str, *, tag: Optional
         save_config(cfg, os.path.join(tmp, "config.yaml"))
         payload = {"state": full_weights(ckpt), "record_json": json.dumps(record), "tag": ckpt.ref.tag,
                    "step": ckpt.step, "meta": {k: ckpt.meta[k] for k in ("global_steps", "global_samples",
-                                                                      "skipped_steps", "lr_scheduler")
+                                                                      "skipped_steps", "lr_scheduler", "losses")
                                                if ckpt.meta.get(k) is not None},
                    "opt": None if opt is None else {"tensors": opt.tensors, "scalars": opt.scalars}}
         torch.save(payload, os.path.join(tmp, PAYLOAD))
@@ -83,6 +87,8 @@ def reshard(checkpoint_dir: str, ep: int, world: int, out: str, *, tag: Optional
             src = os.path.join(ckpt.ref.tag_dir, f"rng_rank{r}.pt")
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tag_dir, f"rng_rank{r}.pt"))
+        write_manifest(tag_dir, ckpt.step, world)  # complete: the trainer's --resume verifies it, then 'latest'
+        point_latest(os.path.join(tmp, "checkpoints"), ckpt.ref.tag)
         summary = {"source": ckpt.ref.tag_dir, "tag": ckpt.ref.tag, "step": ckpt.step,
                    "from": {"world_size": ckpt.world_size, "ep_size": ckpt.ep_size},
                    "to": {"world_size": world, "ep_size": ep},
@@ -132,7 +138,8 @@ def _reshard_rank(rank: int, world: int, tmp: str) -> dict:
     engine.global_samples = int(meta.get("global_samples", engine.global_steps * engine.train_batch_size()))
     engine.skipped_steps = int(meta.get("skipped_steps", 0))
     engine.save_checkpoint(os.path.join(tmp, "checkpoints"), tag=payload["tag"],
-                           client_state={"step": int(payload["step"]), "partition": record})
+                           client_state={"step": int(payload["step"]), "partition": record,
+                                         "losses": list(meta.get("losses") or [])}, save_latest=False)
     pads = bool(list(pad_modules(model)))
     if pads and (record is not None or cfg.moe.compact):  # the trainer's partition folder, in the new layout
         from pad_moe.partition import save_partition
@@ -180,27 +187,37 @@ def _set_zero_state(engine, opt: dict, full_state: dict, expert_offset: int) -> 
     return True
 
 
-def reshard_main(argv: Optional[list[str]] = None) -> int:
-    """``padmoe reshard CHECKPOINT_DIR --ep N --world W --out DIR [--tag T] [--config RUN.yaml] [--no-optimizer]``."""
-    p = argparse.ArgumentParser(prog="padmoe reshard", description=reshard_main.__doc__)
+def register(sub) -> argparse.ArgumentParser:
+    """The ``padmoe reshard`` subparser."""
+    p = sub.add_parser("reshard", help="rewrite a checkpoint for another ep_size / world size",
+                       description="Write a new run folder whose latest checkpoint is CHECKPOINT_DIR's, laid out for "
+                                   "--ep / --world; resume it with `padmoe train NEW/config.yaml --resume`.")
     p.add_argument("checkpoint", help="RUN_DIR, RUN_DIR/checkpoints or RUN_DIR/checkpoints/TAG")
     p.add_argument("--ep", type=int, required=True, help="new moe.ep_size")
     p.add_argument("--world", type=int, required=True, help="new number of ranks")
     p.add_argument("--out", required=True, help="new run folder (resume it with --resume)")
-    p.add_argument("--tag", default=None)
-    p.add_argument("--config", default=None)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
+    p.add_argument("--config", default=None, help="run config (default: RUN_DIR/config.yaml)")
     p.add_argument("--no-optimizer", action="store_true", help="carry weights only (Adam moments restart at 0)")
-    args = p.parse_args(argv)
-    try:
-        summary = reshard(args.checkpoint, args.ep, args.world, args.out, tag=args.tag, config=args.config,
-                          optimizer=not args.no_optimizer)
-    except ValueError as err:
-        print(f"padmoe reshard: error: {err}", file=sys.stderr)
-        return 2
+    p.set_defaults(handler=_reshard_command)
+    return p
+
+
+def _reshard_command(args) -> int:
+    summary = reshard(args.checkpoint, args.ep, args.world, args.out, tag=args.tag, config=args.config,
+                      optimizer=not args.no_optimizer)
     if summary["optimizer"] != "resharded":
         print(f"padmoe reshard: warning: optimizer state {summary['optimizer']}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
+
+
+def reshard_main(argv: Optional[list[str]] = None) -> int:
+    """``padmoe reshard CHECKPOINT_DIR --ep N --world W --out DIR [--tag T] [--config RUN.yaml] [--no-optimizer]``;
+    returns the exit status (bad input: one line on stderr, 2)."""
+    from pad_moe.cli import run_command
+
+    return run_command(register, argv)
 
 
 __all__ = ["reshard", "reshard_main", "CheckpointError"]

@@ -4,7 +4,9 @@ TensorBoard. Runs the same under ``deepspeed --num_gpus N`` on CPU (gloo) and on
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 from typing import Iterator
 
@@ -145,13 +147,19 @@ def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, engine=None) 
 
     Without an engine (partition before training) the expert-parallel groups are attached for the duration, so that
     deepspeed.initialize can attach them itself afterwards. With an engine (after partition.warmup_steps of fully
-    dynamic training) the engine's module is scored as it is.
+    dynamic training) the engine's module is scored as it is. The score uses the task loss (the paper's), plus the
+    load-balancing loss when partition.score_loss is 'task+aux'.
     """
     from pad_moe.partition import partition_from_config
 
     model = job.model if engine is None else engine.module
     device = D.device() if engine is None else engine.device
-    loss_fn = lambda m, b: _loss(job, m, _to_device(b, device), cfg.moe.aux_loss_coef)[0]  # noqa: E731
+    with_aux = cfg.partition.score_loss == "task+aux"
+
+    def loss_fn(m, b):
+        total, task, _ = _loss(job, m, _to_device(b, device), cfg.moe.aux_loss_coef)
+        return total if with_aux else task
+
     part_batches = [batches.batch(g) for g in range(cfg.partition.num_batches)]
     if engine is not None:
         report = partition_from_config(model, part_batches, loss_fn, cfg.partition)
@@ -166,45 +174,63 @@ def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, engine=None) 
     return record
 
 
+def plan_steps(cfg: RunConfig, batches: MicroBatches, is_pad: bool) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch), with the checks that need them: a 'pad' run must partition."""
+    steps_per_epoch = max(1, batches.per_epoch // cfg.train.grad_accum)
+    total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
+    p = cfg.partition
+    if is_pad and p.enabled and p.warmup_steps >= total_steps:
+        raise D.UsageError(f"partition.warmup_steps={p.warmup_steps} is not below the run's {total_steps} steps: the "
+                           "partition would never run and this 'pad' run would train a plain MoE; lower "
+                           "partition.warmup_steps or raise train.steps")
+    return total_steps, steps_per_epoch
+
+
 def train(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train per cfg; returns the run summary (also written to RUN_DIR/summary.json on rank 0)."""
+    """Train per cfg; returns the run summary (also written to RUN_DIR/summary.json on rank 0).
+
+    Everything that can be refused (config, data, DeepSpeed config, world size, the checkpoint to resume) is checked
+    before the run directory is created; a start that fails before its first step removes the directory it created.
+    """
     t0 = time.time()
     state.check_run_dir(cfg, resume)
     rank, world = D.init_distributed()
+    point = state.find_resume_point(cfg.run_dir, world) if resume else None  # a world-size change: reshard first
     ep_rank = D.expert_parallel_rank(rank, world, cfg.moe.ep_size)
     job = build_job(cfg, ep_rank)
-    state.create_run_dir(cfg, resume, rank)
-    job.model.to(D.device())
-    torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout and gate noise
     batches = MicroBatches(job.train_set, job.collate, cfg.train.micro_batch_size, rank, world, cfg.data.seed)
-    accum = cfg.train.grad_accum
-    steps_per_epoch = max(1, batches.per_epoch // accum)
-    total_steps = cfg.train.steps or cfg.train.epochs * steps_per_epoch
-    eval_every = cfg.train.eval_every or steps_per_epoch  # default: every epoch (and always at the end)
-
-    record = None
     is_pad = any(True for _ in pad_modules(job.model))
-    if is_pad and resume and state.has_run_partition(cfg.run_dir):
-        record = state.load_run_partition(cfg.run_dir, job.model)
-    elif is_pad and cfg.partition.enabled and not resume and cfg.partition.warmup_steps == 0:
-        record = run_partition(job, cfg, batches)
-        state.save_run_partition(cfg.run_dir, job.model, record, rank)
-    if cfg.moe.compact:
-        for _, module in pad_modules(job.model):
-            module.compact_()
-
-    engine, _ = D.initialize_engine(job.model, cfg, world, total_steps)
-    engine.train()  # from_pretrained returns models in eval mode: dropout would stay off until the first evaluation
-    start_step = 0
-    if resume:
-        start_step = state.load_checkpoint(engine, cfg.run_dir, rank)
+    total_steps, steps_per_epoch = plan_steps(cfg, batches, is_pad)
+    eval_every = cfg.train.eval_every or steps_per_epoch  # default: every epoch (and always at the end)
+    ds = D.build_ds_config(cfg, world, total_steps)
+    D.check_ds_config(ds, cfg.train.ds_config)
+    if point is not None and point.step >= total_steps:
+        return _finished(cfg, point, rank)
+    if point is not None and point.note and rank == 0:
+        print(point.note, file=sys.stderr, flush=True)
+    created = state.create_run_dir(cfg, resume, rank)
+    try:
+        engine, record = _start(job, cfg, batches, world, total_steps, ds, resume, rank)
+    except BaseException:
+        if created:
+            state.remove_fresh_run_dir(cfg, rank)
+        raise
+    start_step, losses = 0, []
+    if point is not None:
+        client = state.load_checkpoint(engine, cfg.run_dir, point, rank)
+        start_step, record, losses = point.step, client.get("partition"), list(client.get("losses") or [])
+        if is_pad and record is not None:
+            state.check_masks_match_partition(cfg.run_dir, engine.module, record)
+        elif is_pad and cfg.partition.enabled and start_step > cfg.partition.warmup_steps:
+            raise D.UsageError(f"--resume: checkpoint {point.tag} has no partition record although the partition "
+                               f"runs at step {cfg.partition.warmup_steps}; the checkpoint was not written by this run")
     monitor = engine.monitor if rank == 0 and getattr(engine, "monitor", None) is not None else None
 
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=cfg.name, dynamic_ncols=True)
+    accum = cfg.train.grad_accum
     stream = batches.iterate(start_step * accum)
-    losses: list[float] = []
     window = {"loss": 0.0, "task": 0.0, "aux": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
     loads: list[torch.Tensor] = []
     on_step = job.extras.get("on_step")  # e.g. the DY-Conv temperature, set per optimizer step
@@ -232,6 +258,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             loads = new if not loads else [a + b for a, b in zip(loads, new)]
         window["n"] += 1
         losses.append(_global_mean(loss.detach(), world))
+        if not math.isfinite(losses[-1]):
+            bar.close()
+            raise TrainingError(f"the training loss is {losses[-1]} at step {step + 1}: the run diverged; lower "
+                                f"train.lr (now {cfg.train.lr}) or resume from an earlier checkpoint")
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
@@ -242,18 +272,58 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         if done % eval_every == 0 and done != total_steps:
             _log_eval(monitor, *evaluate_all(engine, job, cfg, rank, world), done)
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != total_steps:
-            state.save_checkpoint(engine, cfg.run_dir, done, rank, record)
+            state.save_checkpoint(engine, cfg, done, rank, world, record, losses)
     bar.close()
     metrics, dynamics = evaluate_all(engine, job, cfg, rank, world)
     _log_eval(monitor, metrics, dynamics, total_steps)
-    state.save_checkpoint(engine, cfg.run_dir, total_steps, rank, record)
+    state.save_checkpoint(engine, cfg, total_steps, rank, world, record, losses)
     summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
                "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
                "wall_time_s": time.time() - t0, "partition": record, "dynamics": dynamics,
                **count_live(job.model, cfg.moe.ep_size)}
     if rank == 0:
-        with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+        with open(os.path.join(cfg.run_dir, "summary.json.tmp"), "w") as f:
             json.dump(summary, f, indent=1)
+        os.replace(os.path.join(cfg.run_dir, "summary.json.tmp"), os.path.join(cfg.run_dir, "summary.json"))
+    D.barrier()
+    return summary
+
+
+class TrainingError(ValueError):
+    """A run that cannot go on as asked (e.g. a non-finite loss): one line, exit status 2."""
+
+
+def _start(job: Job, cfg: RunConfig, batches: MicroBatches, world: int, total_steps: int, ds: dict, resume: bool,
+           rank: int):
+    """Partition before training (when it runs before the first step), compact, and build the engine."""
+    record = None
+    job.model.to(D.device())
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout and gate noise
+    if any(True for _ in pad_modules(job.model)) and cfg.partition.enabled and cfg.partition.warmup_steps == 0:
+        if resume:  # the masks shape a compacted model: set them before the engine; the checkpoint is checked later
+            record = state.load_run_partition(cfg.run_dir, job.model)
+        else:
+            record = run_partition(job, cfg, batches)
+            state.save_run_partition(cfg.run_dir, job.model, record, rank)
+    if cfg.moe.compact:
+        for _, module in pad_modules(job.model):
+            module.compact_()
+    engine, _ = D.initialize_engine(job.model, cfg, world, total_steps, ds)
+    engine.train()  # from_pretrained returns models in eval mode: dropout would stay off until the first evaluation
+    return engine, record
+
+
+def _finished(cfg: RunConfig, point, rank: int) -> dict:
+    """--resume of a run whose last checkpoint is its final step: nothing to train, nothing rewritten."""
+    path = os.path.join(cfg.run_dir, "summary.json")
+    if not os.path.isfile(path):
+        raise D.UsageError(f"--resume: {cfg.run_dir} reached its last step ({point.step}) but has no summary.json; "
+                           f"export its checkpoint with 'padmoe export {state.checkpoint_root(cfg.run_dir)}'")
+    with open(path) as f:
+        summary = json.load(f)
+    if rank == 0:
+        print(f"padmoe: {cfg.name} already finished at step {point.step}; nothing to resume (pass a larger "
+              "train.steps with --resume to train longer)", file=sys.stderr, flush=True)
     D.barrier()
     return summary
 
