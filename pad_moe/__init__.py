@@ -8,6 +8,7 @@ import importlib
 _EXPORTS = {
     "DenseFFNBlock": "pad_moe.moe.layer", "MoEFFN": "pad_moe.moe.layer", "PadMoE": "pad_moe.moe.layer",
     "build_ffn_block": "pad_moe.moe.layer", "ffn_block_from_dense": "pad_moe.moe.layer",
+    "ffn_block_from_gated": "pad_moe.moe.layer",
     "pad_mix": "pad_moe.pad.mixing", "scale_factors_from_phi": "pad_moe.pad.mixing",
     "PadMaskMixin": "pad_moe.pad.protocol", "PadModule": "pad_moe.pad.protocol", "pad_modules": "pad_moe.pad.protocol",
     "upcycle": "pad_moe.models", "aux_loss": "pad_moe.models", "expert_counts": "pad_moe.models",

@@ -16,7 +16,7 @@ import yaml
 from pad_moe.checks import at_least as _at_least
 from pad_moe.checks import choice as _choice
 from pad_moe.config_tree import SECTIONS, _checked, _short, apply_overrides, from_dict, read_yaml_file, to_dict
-from pad_moe.moe.ffn import ACTIVATIONS
+from pad_moe.moe.ffn import ACTIVATIONS, EXPERT_TYPES, GLU_ACTIVATIONS
 from pad_moe.moe.layer import MASK_SHARING, MODES
 from pad_moe.pad.granularity import GRANULARITIES
 from pad_moe.pad.mixing import SCALE_MODES
@@ -53,6 +53,8 @@ class MoEConfig:
     """Top-2: sample the second expert with Gumbel noise (DeepSpeed/GShard); false makes routing deterministic."""
     activation: str = "gelu"
     """FFN activation for models built from scratch (upcycled models keep theirs)."""
+    expert_type: str = "mlp"
+    """mlp (act(x W1) W2) | glu (down(act(gate x) * up x): SwiGLU with activation=silu, GEGLU with gelu/gelu_tanh)."""
     granularity: str = "element"
     """element (the paper) | neuron (whole FFN hidden units, compactable)."""
     mask_sharing: str = "layer"
@@ -83,6 +85,10 @@ class MoEConfig:
         _at_least(o, "min_capacity", self.min_capacity, 0)
         _choice(o, "noisy_gate_policy", self.noisy_gate_policy, (None, "Jitter", "RSample"))
         _choice(o, "activation", self.activation, tuple(ACTIVATIONS))
+        _choice(o, "expert_type", self.expert_type, EXPERT_TYPES)
+        if self.expert_type == "glu" and self.activation not in GLU_ACTIVATIONS:
+            raise ValueError(f"moe.activation={self.activation!r} is not a gated activation for moe.expert_type=glu; "
+                             f"choose one of {', '.join(GLU_ACTIVATIONS)}")
         _choice(o, "granularity", self.granularity, tuple(GRANULARITIES))
         _choice(o, "mask_sharing", self.mask_sharing, MASK_SHARING)
         _choice(o, "scale_mode", self.scale_mode, SCALE_MODES)
@@ -418,6 +424,9 @@ class RunConfig:
                              "model.arch=hf model.path=DIR (or model.preset=minilm-2l)")
         if arch == "vision" and task != "synthetic":
             raise ValueError(f"model.arch=vision reads vision.dataset, not data.task={task}; drop data.task")
+        if self.moe.expert_type != "mlp" and arch != "toy":
+            raise ValueError(f"moe.expert_type={self.moe.expert_type} builds gated experts for model.arch=toy only; "
+                             f"model.arch={arch} keeps its own FFN type (use moe.expert_type=mlp)")
         self.moe.drop_tokens = self.moe.resolve_drop_tokens(upcycled=arch == "hf")  # saved resolved
         if self.moe.compact and self.partition.warmup_steps:
             raise ValueError(f"moe.compact=true needs the partition before training (partition.warmup_steps=0, got "

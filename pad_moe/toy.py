@@ -18,7 +18,7 @@ from pad_moe.train.registry import register_job
 def ffn_block_kwargs(moe: MoEConfig, ep_rank: int, seed: int) -> dict:
     """Keyword arguments of build_ffn_block / ffn_block_from_dense taken from a MoEConfig."""
     return dict(num_experts=moe.num_experts, k=moe.k, ep_size=moe.ep_size, ep_rank=ep_rank,
-                activation=moe.activation, capacity_factor=moe.capacity_factor,
+                activation=moe.activation, expert_type=moe.expert_type, capacity_factor=moe.capacity_factor,
                 eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
                 drop_tokens=moe.resolve_drop_tokens(upcycled=False), noisy_gate_policy=moe.noisy_gate_policy,
                 use_rts=moe.use_rts,

@@ -63,6 +63,29 @@ def test_run_config_counts_match_the_live_model():
     assert count(resolve("debug"), mode="static")["params"] == got["non_ffn_params"] + got["ffn_params"]
 
 
+@pytest.mark.parametrize("granularity", ["element", "neuron"])
+def test_gated_run_config_counts_match_the_live_model(granularity):
+    from pad_moe.config import load_config
+    from pad_moe.deploy.count import config_arch
+    from pad_moe.toy import ToyClassifier
+
+    cfg = load_config("configs/debug.yaml", ["moe.ep_size=1", "moe.expert_type=glu", "moe.activation=silu",
+                                             f"moe.granularity={granularity}"])
+    model = ToyClassifier(cfg.model, cfg.moe, cfg.data.num_labels, seed=0)
+    pads = [m for m in model.modules() if hasattr(m, "set_masks")]
+    g = torch.Generator().manual_seed(0)
+    for m in pads:  # exactly κ = 0.5 of every mask tensor dynamic
+        m.set_masks({k: (torch.randperm(v.numel(), generator=g) < v.numel() // 2).reshape(v.shape)
+                     for k, v in m.masks().items()})
+    live = count_live(model)
+    a = config_arch(cfg, "debug-glu")
+    H, U = cfg.model.hidden_size, cfg.model.ffn_size
+    assert all(s.matrices == 3 and s.params == 3 * H * U + 2 * U + H for s in a.sites)  # gate, up, down + biases
+    got = count(a, kappa=0.5)
+    assert got["params_training"] == live["params_training"] == sum(p.numel() for p in model.parameters())
+    assert got["params"] == live["params_compact"] - len(pads)  # φ folded into the stored values
+
+
 def test_json_output_and_bad_input(capsys):
     assert count_main(["bert-base", "--mode", "pad", "--kappa", "0.5", "--convention", "paper", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -50,6 +50,33 @@ def test_published_totals():
     assert base["params"] == base["non_expert"] + round((0.5 * 128 - 0.5) * base["ffn_params"]) * 12
 
 
+def test_gated_presets_count_three_matrices_per_ffn_and_match_the_paper():
+    # Switch-XXL is GEGLU (wi_0, wi_1, wo); Switch-C and the Base/Large presets keep two-matrix FFNs
+    assert {n: get_arch(n).expert_type for n in SWITCH_ARCHS if get_arch(n).expert_type == "glu"} == {
+        "switch-xxl-64": "glu", "switch-xxl-128": "glu"}
+    xxl, c = count_switch("switch-xxl-128", "moe"), count_switch("switch-c-2048", "moe")
+    assert xxl["ffn_params"] == 3 * 4096 * 10240 and c["ffn_params"] == 2 * 2080 * 6144
+    assert xxl["params"] == 394_675_073_024 and abs(xxl["params"] / 395e9 - 1) < 0.005  # paper: 395B
+    assert c["params"] == 1_571_375_798_688 and abs(c["params"] / 1571e9 - 1) < 0.005  # paper: 1571B
+    assert count_switch("switch-base-128", "moe")["params"] == 7_415_217_408  # unchanged by the FFN type
+    assert count_switch("switch-large-128", "moe")["params"] == 26_309_291_008
+    pad = count_switch("switch-xxl-128", "pad", 0.5)
+    assert pad["params"] == pad["non_expert"] + round((0.5 * 128 - 0.5) * pad["ffn_params"]) * 24
+
+
+def test_gated_preset_builds_gated_dense_and_sparse_ffns():
+    from pad_moe.moe.ffn import GatedFFN
+
+    arch = get_arch("switch-debug").with_(expert_type="glu")
+    model = build_switch(arch, "pad", min_capacity=0)
+    sparse = model.sparse_ffns()
+    assert all(s.block.expert_type == "glu" and s.block.activation == "gelu_tanh" for s in sparse)
+    assert sum(isinstance(m, GatedFFN) for m in model.modules()) > 0
+    ids = torch.randint(arch.vocab_size, (2, 6))
+    logits, aux = model(ids, decoder_input_ids=ids)
+    assert torch.isfinite(logits).all() and torch.isfinite(aux)
+
+
 def test_compact_count_agrees_with_live_accounting():
     from pad_moe.accounting import count_live
     from pad_moe.pad.protocol import pad_modules

@@ -286,6 +286,9 @@ def compact_block(block: nn.Module) -> DeployBlock:
 
     if block.ep_size != 1:
         raise ValueError(f"compact_block needs an ep_size=1 block with all experts, got ep_size={block.ep_size}")
+    if getattr(block, "expert_type", "mlp") != "mlp":
+        raise ValueError(f"compact_block exports expert_type='mlp' blocks (fc1, fc2), got "
+                         f"expert_type={block.expert_type!r}; gated experts have no deploy form yet")
     gate = block.moe.deepspeed_moe.gate
     experts = block.local_experts
     H = block.hidden_size

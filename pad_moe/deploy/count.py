@@ -2,12 +2,14 @@
 alone. The architecture is built on the meta device (shapes only, nothing downloaded); its FFN blocks are found, and
 the chosen mode (static / moe / pad) is applied to every ``every``-th of them by formula.
 
-Per converted FFN with N parameters (fc1 + fc2, biases included), H inputs, U hidden units, E experts, κ dynamic:
+Per converted FFN with N parameters (fc1 + fc2, or gate + up + down for a gated FFN; biases included), H inputs, U
+hidden units, E experts, κ dynamic:
 
     static     training = compact = N
     moe        training = compact = E·N + router
     pad        training = N + E·N + router + φ        compact = (N − D) + E·D + router,   D = dynamic entries
-               element masks: D = round(κ·N); neuron masks: D = round(κ·U)·(2H + 1) (fc2's bias stays static)
+               element masks: D = round(κ·N); neuron masks: D = round(κ·U)·(2H + 1) (fc2's bias stays static),
+               gated: D = round(κ·U)·(3H + 2) (a gate row, an up row, a down column; down's bias stays static)
 
 With moe.compact (neuron masks) the run trains the narrow form: training = compact + φ.
 Convention ``ours`` (default): DeepSpeed's router, one gate (E×H) per FFN; λ folded into the stored values (φ is not
@@ -41,6 +43,13 @@ class FFNSite:
     units: int
     params: int
     bias: bool
+    matrices: int = 2
+    """2: fc1, fc2 (mlp); 3: gate, up, down (glu)."""
+
+    @property
+    def unit_params(self) -> int:
+        """Parameters one hidden unit owns: a row or column per matrix, and a bias entry per input projection."""
+        return self.matrices * self.hidden + (self.matrices - 1 if self.bias else 0)
 
 
 @dataclasses.dataclass
@@ -53,9 +62,12 @@ class Arch:
     defaults: dict
 
 
-def _site(fc1: nn.Linear, fc2: nn.Linear) -> FFNSite:
-    params = sum(p.numel() for p in (*fc1.parameters(), *fc2.parameters()))
-    return FFNSite(hidden=fc1.in_features, units=fc1.out_features, params=params, bias=fc1.bias is not None)
+def _site(*linears: nn.Linear) -> FFNSite:
+    """The site of an FFN given its nn.Linear layers, input projections first (fc1, fc2 or gate, up, down)."""
+    params = sum(p.numel() for linear in linears for p in linear.parameters())
+    first = linears[0]
+    return FFNSite(hidden=first.in_features, units=first.out_features, params=params, bias=first.bias is not None,
+                   matrices=len(linears))
 
 
 def _unique_params(model: nn.Module) -> int:
@@ -104,7 +116,8 @@ def _config_model(cfg) -> tuple[nn.Module, list[FFNSite]]:
 
         with torch.device("meta"):
             model = ToyClassifier(cfg.model, dense, cfg.data.num_labels, seed=0)
-        return model, [_site(m.ffn.fc1, m.ffn.fc2) for m in model.modules() if isinstance(m, DenseFFNBlock)]
+        return model, [_site(*(getattr(m.ffn, n) for n in m.ffn.linear_names))
+                       for m in model.modules() if isinstance(m, DenseFFNBlock)]
     if cfg.model.arch == "hf":
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -170,7 +183,7 @@ def count(arch: Arch, *, mode: Optional[str] = None, kappa: Optional[float] = No
             static_kept = N if pad_static == "whole" else N - dyn
         else:
             if granularity == "neuron":
-                dyn = round(kappa * s.units) * (2 * s.hidden + (1 if s.bias else 0))
+                dyn = round(kappa * s.units) * s.unit_params
             else:
                 dyn = round(kappa * N)
             static_kept = 0 if d["static_dropped"] else N - dyn

@@ -1,4 +1,5 @@
-"""FFN building blocks: activations, the dense FFN, the plain MoE expert and the PAD expert.
+"""FFN building blocks: activations, the dense FFN, the plain MoE expert and the PAD expert, in two expert types:
+``mlp`` (down(act(fc1 x)), two matrices) and ``glu`` (gated: down(act(gate x) * up x), three matrices).
 
 Experts see DeepSpeed's dispatched tokens, shape (ep_size, 1, capacity, hidden) including zero-padded slots, and act on
 the last dimension only.
@@ -24,16 +25,40 @@ ACTIVATIONS = {
 }
 
 
+EXPERT_TYPES = ("mlp", "glu")
+"""mlp: act(x W1ᵀ) W2ᵀ (BERT, T5 v1.0); glu: (act(x Wgᵀ) ⊙ x Wuᵀ) Wdᵀ (Llama, Mistral, Qwen, T5 v1.1, Switch-XXL)."""
+
+GLU_ACTIVATIONS = {"silu": "SwiGLU", "swish": "SwiGLU", "gelu": "GEGLU", "gelu_tanh": "GEGLU",
+                   "gelu_new": "GEGLU"}
+"""The activations a glu expert takes, with the name of the variant they make (GEGLU with exact or tanh GELU)."""
+
+
 def get_activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"activation={name!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
+def check_expert_type(expert_type: str, activation: str) -> None:
+    """ValueError naming the value when ``expert_type`` is unknown or ``activation`` does not fit it."""
+    if expert_type not in EXPERT_TYPES:
+        raise ValueError(f"expert_type={expert_type!r} is unknown; allowed: {', '.join(EXPERT_TYPES)}")
+    get_activation(activation)
+    if expert_type == "glu" and activation not in GLU_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not a gated activation for expert_type='glu'; allowed: "
+                         + ", ".join(f"{a} ({v})" for a, v in GLU_ACTIVATIONS.items()))
+
+
 def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
         act) -> torch.Tensor:
     """act(x W1ᵀ + b1) W2ᵀ + b2 with nn.Linear layouts: w1 (F, H), w2 (H, F)."""
     return F.linear(act(F.linear(x, w1, b1)), w2, b2)
+
+
+def glu_ffn(x: torch.Tensor, wg: torch.Tensor, bg: torch.Tensor | None, wu: torch.Tensor, bu: torch.Tensor | None,
+            wd: torch.Tensor, bd: torch.Tensor | None, act) -> torch.Tensor:
+    """(act(x Wgᵀ + bg) ⊙ (x Wuᵀ + bu)) Wdᵀ + bd with nn.Linear layouts: wg, wu (F, H), wd (H, F)."""
+    return F.linear(act(F.linear(x, wg, bg)) * F.linear(x, wu, bu), wd, bd)
 
 
 def init_linear_(linear: nn.Linear, generator: torch.Generator | None = None) -> None:
@@ -48,8 +73,13 @@ def init_linear_(linear: nn.Linear, generator: torch.Generator | None = None) ->
 class FFN(nn.Module):
     """A dense two-layer FFN: the static model, and the expert of a plain (fully dynamic) MoE."""
 
+    expert_type = "mlp"
+    linear_names = ("fc1", "fc2")
+    """The nn.Linear children, inputs first and the output projection last."""
+
     def __init__(self, hidden_size: int, ffn_size: int, activation: str = "gelu", bias: bool = True):
         super().__init__()
+        check_expert_type(self.expert_type, activation)
         self.activation = activation
         self._act = get_activation(activation)
         self.fc1 = nn.Linear(hidden_size, ffn_size, bias=bias)
@@ -58,9 +88,52 @@ class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self._act)
 
+    def compute(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This FFN's function with weights ``w`` (name -> tensor, as ``named_parameters``; biases optional)."""
+        return ffn(x, w["fc1.weight"], w.get("fc1.bias"), w["fc2.weight"], w.get("fc2.bias"), self._act)
+
+    def scaled_forward(self, x: torch.Tensor, scale) -> torch.Tensor:
+        """The FFN with every weight and bias multiplied by ``scale`` (λs of a compacted PAD layer's static units)."""
+        return scale * self.fc2(self._act(scale * self.fc1(x)))
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        init_linear_(self.fc1, generator)
-        init_linear_(self.fc2, generator)
+        for name in self.linear_names:
+            init_linear_(getattr(self, name), generator)
+
+
+class GatedFFN(FFN):
+    """A dense gated FFN (GLU): down(act(gate(x)) ⊙ up(x)); SwiGLU with silu, GEGLU with gelu / gelu_tanh."""
+
+    expert_type = "glu"
+    linear_names = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, hidden_size: int, ffn_size: int, activation: str = "silu", bias: bool = False):
+        nn.Module.__init__(self)
+        check_expert_type(self.expert_type, activation)
+        self.activation = activation
+        self._act = get_activation(activation)
+        self.gate_proj = nn.Linear(hidden_size, ffn_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, bias=bias)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compute(x, dict(self.named_parameters()))
+
+    def compute(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return glu_ffn(x, w["gate_proj.weight"], w.get("gate_proj.bias"), w["up_proj.weight"], w.get("up_proj.bias"),
+                       w["down_proj.weight"], w.get("down_proj.bias"), self._act)
+
+    def scaled_forward(self, x: torch.Tensor, scale) -> torch.Tensor:
+        return scale * self.down_proj(self._act(scale * self.gate_proj(x)) * (scale * self.up_proj(x)))
+
+
+FFN_CLASSES = {"mlp": FFN, "glu": GatedFFN}
+
+
+def make_ffn(expert_type: str, hidden_size: int, ffn_size: int, activation: str, bias: bool = True) -> FFN:
+    """The dense FFN of ``expert_type`` ('mlp' or 'glu')."""
+    check_expert_type(expert_type, activation)
+    return FFN_CLASSES[expert_type](hidden_size, ffn_size, activation, bias)
 
 
 class PadContext:
@@ -168,7 +241,7 @@ def _mix(ctx: PadContext, name: str, w_dyn: torch.Tensor, mask: torch.Tensor) ->
     return _PadMix.apply(s0, w_dyn, mask_f, lam_mask, ctx.lam_d)
 
 
-class PadExpert(FFN):
+class _PadExpertMixin:
     """An expert of a PAD-MoE layer: its own FFN weights are the dynamic part W_k.
 
     Effective weights are W_k_eff = λs(1−M)⊙W_s + λd M⊙W_k. The static part and the shared mask are owned by the layer
@@ -192,5 +265,15 @@ class PadExpert(FFN):
         return {name: _mix(ctx, name, own[name], masks[name]) for name in ctx.static}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.effective_weights()
-        return ffn(x, w["fc1.weight"], w.get("fc1.bias"), w["fc2.weight"], w.get("fc2.bias"), self._act)
+        return self.compute(x, self.effective_weights())
+
+
+class PadExpert(_PadExpertMixin, FFN):
+    """A PAD expert with an mlp FFN (fc1, fc2)."""
+
+
+class PadGatedExpert(_PadExpertMixin, GatedFFN):
+    """A PAD expert with a gated FFN (gate_proj, up_proj, down_proj): PAD mixes all three matrices."""
+
+
+PAD_EXPERT_CLASSES = {"mlp": PadExpert, "glu": PadGatedExpert}

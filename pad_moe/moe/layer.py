@@ -4,6 +4,9 @@
 - ``moe``: a fully dynamic MoE, DeepSpeed's ``MoE`` with FFN experts (``MoEFFN``);
 - ``pad``: PAD-MoE, DeepSpeed's ``MoE`` with PAD experts plus one static FFN (``PadMoE``).
 
+Each takes ``expert_type``: ``mlp`` (fc1, fc2; upcycled with ``from_dense``) or ``glu`` (gate_proj, up_proj, down_proj;
+upcycled with ``from_gated`` from a Llama/Mistral/Qwen-style gated MLP).
+
 DeepSpeed's gate, capacity logic, all-to-all and expert-parallel groups are used as they are; nothing here imports
 ``torch.distributed``. A layer built for ``ep_size > 1`` holds ``num_experts / ep_size`` local experts and needs the
 process groups that ``deepspeed.initialize`` attaches; pass ``ep_rank`` so local experts get their global ids.
@@ -19,7 +22,7 @@ from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from pad_moe.moe.ffn import FFN, PadContext, PadExpert, get_activation
+from pad_moe.moe.ffn import FFN_CLASSES, PAD_EXPERT_CLASSES, PadContext, check_expert_type, make_ffn
 from pad_moe.pad.protocol import PadMaskMixin
 
 MODES = ("static", "moe", "pad")
@@ -67,16 +70,25 @@ def eval_routing(gate: nn.Module):
 class DenseFFNBlock(nn.Module):
     """mode='static': the dense FFN with the MoE forward contract (zero auxiliary loss, no expert counts)."""
 
-    def __init__(self, hidden_size: int, ffn_size: int, *, activation: str = "gelu", bias: bool = True, **_unused):
+    def __init__(self, hidden_size: int, ffn_size: int, *, activation: str = "gelu", bias: bool = True,
+                 expert_type: str = "mlp", **_unused):
         super().__init__()
-        self.ffn = FFN(hidden_size, ffn_size, activation, bias)
+        self.ffn = make_ffn(expert_type, hidden_size, ffn_size, activation, bias)
 
     @classmethod
     def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, *, activation: str = "gelu", **kwargs) -> "DenseFFNBlock":
         hidden, ffn_size = _check_dense_pair(fc1, fc2)
         block = cls(hidden, ffn_size, activation=activation, bias=fc1.bias is not None)
-        _copy_linear_(block.ffn.fc1, fc1)
-        _copy_linear_(block.ffn.fc2, fc2)
+        _load_linears_(block.ffn, (fc1, fc2))
+        return block
+
+    @classmethod
+    def from_gated(cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, *, activation: str,
+                   **kwargs) -> "DenseFFNBlock":
+        """The block of a gated MLP down(act(gate_proj(x)) ⊙ up_proj(x)), weights copied."""
+        hidden, ffn_size = _check_gated(gate_proj, up_proj, down_proj)
+        block = cls(hidden, ffn_size, activation=activation, bias=gate_proj.bias is not None, expert_type="glu")
+        _load_linears_(block.ffn, (gate_proj, up_proj, down_proj))
         return block
 
     def forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor] = None):
@@ -84,23 +96,24 @@ class DenseFFNBlock(nn.Module):
 
 
 class MoEFFN(nn.Module):
-    """mode='moe': DeepSpeed's MoE with whole-FFN experts, experts seeded by their global id."""
+    """mode='moe': DeepSpeed's MoE with whole-FFN experts (mlp or glu), experts seeded by their global id."""
 
-    expert_class = FFN
+    expert_classes = FFN_CLASSES
 
     def __init__(self, hidden_size: int, ffn_size: int, *, num_experts: int = 8, k: int = 2, ep_size: int = 1,
-                 ep_rank: int = 0, activation: str = "gelu", bias: bool = True, capacity_factor: float = 1.0,
-                 eval_capacity_factor: float = 1.0, min_capacity: int = 4, drop_tokens: bool = True,
-                 noisy_gate_policy: Optional[str] = None, use_rts: bool = True, second_expert_sampling: bool = True,
-                 seed: int = 0):
+                 ep_rank: int = 0, activation: str = "gelu", bias: bool = True, expert_type: str = "mlp",
+                 capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
+                 drop_tokens: bool = True, noisy_gate_policy: Optional[str] = None, use_rts: bool = True,
+                 second_expert_sampling: bool = True, seed: int = 0):
         super().__init__()
         _validate_moe_args(hidden_size, ffn_size, num_experts, k, ep_size, ep_rank, capacity_factor,
                            eval_capacity_factor, min_capacity, noisy_gate_policy)
-        get_activation(activation)
+        check_expert_type(expert_type, activation)
         self.hidden_size, self.ffn_size, self.activation = hidden_size, ffn_size, activation
+        self.expert_type, self.bias = expert_type, bias
         self.num_experts, self.k, self.ep_size, self.ep_rank = num_experts, k, ep_size, ep_rank
         self.num_local_experts = num_experts // ep_size
-        template = self.expert_class(hidden_size, ffn_size, activation, bias)
+        template = self.expert_classes[expert_type](hidden_size, ffn_size, activation, bias)
         self.moe = MoE(hidden_size, template, num_experts=num_experts, ep_size=ep_size, k=k,
                        capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                        min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens,
@@ -131,16 +144,37 @@ class MoEFFN(nn.Module):
             expert.reset_parameters(torch.Generator().manual_seed(seed * 1_000_003 + 7919 * gid + 1))
 
     def load_experts_from_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        self._load_experts((fc1, fc2))
+
+    def load_experts_from_gated(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear) -> None:
+        self._load_experts((gate_proj, up_proj, down_proj))
+
+    def _load_experts(self, linears: tuple[nn.Linear, ...]) -> None:
         for expert in self.local_experts:
-            _copy_linear_(expert.fc1, fc1)
-            _copy_linear_(expert.fc2, fc2)
+            _load_linears_(expert, linears)
 
     @classmethod
     def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, **kwargs):
         """Upcycling: every expert (and, for PAD, the static FFN) starts as a copy of the dense FFN (fc1, fc2)."""
         hidden, ffn_size = _check_dense_pair(fc1, fc2)
+        if kwargs.get("expert_type", "mlp") != "mlp":
+            raise ValueError(f"from_dense builds expert_type='mlp', got expert_type={kwargs['expert_type']!r}; "
+                             "use from_gated for a gated MLP")
         layer = cls(hidden, ffn_size, bias=fc1.bias is not None, **kwargs)
         layer.load_experts_from_dense(fc1, fc2)
+        return layer
+
+    @classmethod
+    def from_gated(cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, *, activation: str,
+                   **kwargs):
+        """Upcycling a gated MLP down(act(gate_proj(x)) ⊙ up_proj(x)) (Llama, Mistral, Qwen): every expert (and, for
+        PAD, the static FFN) starts as a copy of it. ``activation``: silu (SwiGLU) or gelu / gelu_tanh (GEGLU)."""
+        hidden, ffn_size = _check_gated(gate_proj, up_proj, down_proj)
+        if kwargs.pop("expert_type", "glu") != "glu":
+            raise ValueError("from_gated builds expert_type='glu'; use from_dense for a two-matrix FFN")
+        layer = cls(hidden, ffn_size, bias=gate_proj.bias is not None, activation=activation, expert_type="glu",
+                    **kwargs)
+        layer.load_experts_from_gated(gate_proj, up_proj, down_proj)
         return layer
 
     def forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor] = None):
@@ -156,14 +190,15 @@ class MoEFFN(nn.Module):
 class PadMoE(PadMaskMixin, MoEFFN):
     """mode='pad': PAD-MoE. Expert k computes FFN(x; λs(1−M)⊙W_s + λd M⊙W_k).
 
-    The static FFN (``static.fc1``, ``static.fc2``) is registered once on this layer, outside DeepSpeed's experts, so it
+    The static FFN (``static.fc1``, ``static.fc2``; for glu ``static.gate_proj``, ``static.up_proj``,
+    ``static.down_proj``) is registered once on this layer, outside DeepSpeed's experts, so it
     is replicated and all-reduced like any dense weight. Masks are shared by all experts of the layer
     (``mask_sharing='layer'``, the paper) or held by each expert (``'expert'``, sharded with the experts). With
     ``granularity='neuron'`` a partitioned layer can be compacted (``compact_``): static hidden units then run once per
     token as a dense FFN and the experts keep only their dynamic units.
     """
 
-    expert_class = PadExpert
+    expert_classes = PAD_EXPERT_CLASSES
     expert_group_name = MoEFFN.expert_group_name  # the mixin's default (None) is for modules without experts
 
     def __init__(self, hidden_size: int, ffn_size: int, *, granularity: str = "element", mask_sharing: str = "layer",
@@ -171,7 +206,7 @@ class PadMoE(PadMaskMixin, MoEFFN):
         if mask_sharing not in MASK_SHARING:
             raise ValueError(f"mask_sharing={mask_sharing!r} is unknown; allowed: {', '.join(MASK_SHARING)}")
         super().__init__(hidden_size, ffn_size, **kwargs)
-        self.static = FFN(hidden_size, ffn_size, self.activation, bias=self.local_experts[0].fc1.bias is not None)
+        self.static = make_ffn(self.expert_type, hidden_size, ffn_size, self.activation, bias=self.bias)
         self.static.reset_parameters(torch.Generator().manual_seed(kwargs.get("seed", 0) * 1_000_003))
         self.mask_sharing = mask_sharing
         weight_shapes = {n: tuple(p.shape) for n, p in self.static.named_parameters()}
@@ -184,12 +219,11 @@ class PadMoE(PadMaskMixin, MoEFFN):
         self._gate_mass: Optional[torch.Tensor] = None
         self._gate_hook = None
 
-    def load_experts_from_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
-        super().load_experts_from_dense(fc1, fc2)
+    def _load_experts(self, linears: tuple[nn.Linear, ...]) -> None:
         if self.compacted:
             raise ValueError("cannot upcycle into a compacted PadMoE; build, load, then compact_()")
-        _copy_linear_(self.static.fc1, fc1)
-        _copy_linear_(self.static.fc2, fc2)
+        super()._load_experts(linears)
+        _load_linears_(self.static, linears)
 
     # -- protocol extras ------------------------------------------------------------------------------------------
     def magnitude_scores(self) -> dict[str, torch.Tensor]:
@@ -211,9 +245,7 @@ class PadMoE(PadMaskMixin, MoEFFN):
 
     def _reduce_to_masks(self, per_weight: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum weight-shaped scores onto the partition-mask entries that cover them."""
-        if self.granularity.name == "element":
-            return per_weight
-        return {"units": per_weight["fc1.weight"].sum(1) + per_weight["fc1.bias"] + per_weight["fc2.weight"].sum(0)}
+        return self.granularity.reduce(per_weight, self._weight_shapes)
 
     def _on_masks_changed(self) -> None:
         if self.compacted:
@@ -247,8 +279,7 @@ class PadMoE(PadMaskMixin, MoEFFN):
         # Dynamic units go through the experts (scaled by λd); static units run once per token, weighted by the
         # token's total gate value so the sum matches Σ_k g_k·FFN(x; W_k_eff) exactly (top-1 and dropped routes too).
         out, l_aux, exp_counts = self._run_experts(x, used_token, PadContext(None, lam_d, None))
-        s = self.static
-        static_out = lam_s * s.fc2(s._act(lam_s * s.fc1(x)))
+        static_out = self.static.scaled_forward(x, lam_s)
         mass = self._gate_mass.reshape(x.shape[:-1] + (1,)).to(static_out.dtype)
         self._gate_mass = None
         return out + mass * static_out, l_aux, exp_counts
@@ -261,7 +292,8 @@ class PadMoE(PadMaskMixin, MoEFFN):
     # -- neuron compaction ------------------------------------------------------------------------------------------
     def compact_(self) -> "PadMoE":
         """Shrink to the partition in place (neuron granularity, layer-shared masks): static units become a narrow
-        dense FFN, each expert keeps only its dynamic units. Do this before building the optimizer / DeepSpeed engine.
+        dense FFN (for glu a narrow dense GLU), each expert keeps only its dynamic units. Do this before building the
+        optimizer / DeepSpeed engine.
         """
         if self.compacted:
             return self
@@ -275,7 +307,8 @@ class PadMoE(PadMaskMixin, MoEFFN):
         self.static = _narrow_ffn(self.static, sta, keep_fc2_bias=True)
         for expert in self.local_experts:
             narrow = _narrow_ffn(expert, dyn, keep_fc2_bias=False)
-            expert.fc1, expert.fc2 = narrow.fc1, narrow.fc2
+            for name in expert.linear_names:
+                setattr(expert, name, getattr(narrow, name))
             for p in expert.parameters():
                 p.allreduce = False
                 p.group_name = self.moe.expert_group_name
@@ -298,32 +331,46 @@ def ffn_block_from_dense(mode: str, fc1: nn.Linear, fc2: nn.Linear, **kwargs) ->
     return _BLOCKS[mode].from_dense(fc1, fc2, **_args_for(mode, kwargs))
 
 
+def ffn_block_from_gated(mode: str, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, *,
+                         activation: str, **kwargs) -> nn.Module:
+    """Upcycle a gated MLP (gate_proj, up_proj, down_proj) into the glu block for ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
+    return _BLOCKS[mode].from_gated(gate_proj, up_proj, down_proj, activation=activation, **_args_for(mode, kwargs))
+
+
 _BLOCKS = {"static": DenseFFNBlock, "moe": MoEFFN, "pad": PadMoE}
 _PAD_ONLY = ("granularity", "mask_sharing", "scale_mode")
 
 
 def _args_for(mode: str, kwargs: dict) -> dict:
     if mode == "static":
-        return {k: v for k, v in kwargs.items() if k in ("activation", "bias")}
+        return {k: v for k, v in kwargs.items() if k in ("activation", "bias", "expert_type")}
     if mode == "moe":
         return {k: v for k, v in kwargs.items() if k not in _PAD_ONLY}
     return dict(kwargs)
 
 
-def _narrow_ffn(ffn: nn.Module, units: torch.Tensor, keep_fc2_bias: bool) -> FFN:
-    """A copy of ffn restricted to hidden ``units`` (fc1 rows + bias entries, fc2 columns)."""
-    hidden = ffn.fc1.in_features
-    out = FFN(hidden, len(units), ffn.activation, bias=ffn.fc1.bias is not None)
+def _narrow_ffn(ffn: nn.Module, units: torch.Tensor, keep_fc2_bias: bool) -> nn.Module:
+    """A copy of ffn (mlp or glu) restricted to hidden ``units``: rows (and bias entries) of the input projections,
+    columns of the output projection, whose bias is kept only with ``keep_fc2_bias``."""
+    *inputs, output = ffn.linear_names
+    first = getattr(ffn, inputs[0])
+    hidden = first.in_features
+    out = make_ffn(ffn.expert_type, hidden, len(units), ffn.activation, bias=first.bias is not None)
     if not keep_fc2_bias:
-        out.fc2 = nn.Linear(len(units), hidden, bias=False)
+        setattr(out, output, nn.Linear(len(units), hidden, bias=False))
     with torch.no_grad():
-        out.fc1.weight.copy_(ffn.fc1.weight[units])
-        if ffn.fc1.bias is not None:
-            out.fc1.bias.copy_(ffn.fc1.bias[units])
-        out.fc2.weight.copy_(ffn.fc2.weight[:, units])
-        if keep_fc2_bias and ffn.fc2.bias is not None:
-            out.fc2.bias.copy_(ffn.fc2.bias)
-    return out.to(ffn.fc1.weight.device, ffn.fc1.weight.dtype)
+        for name in inputs:
+            src, dst = getattr(ffn, name), getattr(out, name)
+            dst.weight.copy_(src.weight[units])
+            if src.bias is not None:
+                dst.bias.copy_(src.bias[units])
+        src, dst = getattr(ffn, output), getattr(out, output)
+        dst.weight.copy_(src.weight[:, units])
+        if keep_fc2_bias and src.bias is not None:
+            dst.bias.copy_(src.bias)
+    return out.to(first.weight.device, first.weight.dtype)
 
 
 def _check_dense_pair(fc1: nn.Linear, fc2: nn.Linear) -> tuple[int, int]:
@@ -335,6 +382,28 @@ def _check_dense_pair(fc1: nn.Linear, fc2: nn.Linear) -> tuple[int, int]:
     if (fc1.bias is None) != (fc2.bias is None):
         raise ValueError("fc1 and fc2 must both have biases or both have none")
     return fc1.in_features, fc1.out_features
+
+
+def _check_gated(gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear) -> tuple[int, int]:
+    linears = (gate_proj, up_proj, down_proj)
+    if not all(isinstance(m, nn.Linear) for m in linears):
+        raise ValueError("from_gated needs three nn.Linear, got " + ", ".join(type(m).__name__ for m in linears))
+    if (gate_proj.in_features, gate_proj.out_features) != (up_proj.in_features, up_proj.out_features):
+        raise ValueError(f"gate_proj ({gate_proj.in_features}->{gate_proj.out_features}) and up_proj "
+                         f"({up_proj.in_features}->{up_proj.out_features}) must have the same shape")
+    _check_dense_pair(gate_proj, down_proj)
+    if (gate_proj.bias is None) != (up_proj.bias is None):
+        raise ValueError("gate_proj, up_proj and down_proj must all have biases or all have none")
+    return gate_proj.in_features, gate_proj.out_features
+
+
+def _load_linears_(ffn: nn.Module, linears: tuple[nn.Linear, ...]) -> None:
+    """Copy ``linears`` into ffn's nn.Linear children, in the order of its ``linear_names``."""
+    if len(linears) != len(ffn.linear_names):
+        raise ValueError(f"a {ffn.expert_type} FFN takes {len(ffn.linear_names)} linears "
+                         f"({', '.join(ffn.linear_names)}), got {len(linears)}")
+    for name, src in zip(ffn.linear_names, linears):
+        _copy_linear_(getattr(ffn, name), src)
 
 
 def _copy_linear_(dst: nn.Linear, src: nn.Linear) -> None:

@@ -5,6 +5,7 @@
   dynamic, so a sparse layer costs (1 − κ + E·κ)·FFN; the BERT convention of ``pad_moe.accounting`` / the paper.
   MoE is the κ = 1 case; static mode has one dense FFN where Switch has experts.
 
+An FFN holds ``ffn_matrices · d_model · d_ff`` weights (2 for mlp presets, 3 for GEGLU ones: Switch-XXL), no biases.
 Both count the router (d_model × E per sparse layer, no bias), the tied or separate LM head, the relative attention
 bias tables, and PAD's scale parameter φ (1 per sparse layer; 2 for scale_mode 'unconstrained', 0 for 'none').
 """
@@ -26,7 +27,7 @@ def arch_parts(arch: SwitchArch) -> dict[str, int]:
     dec = arch.num_decoder_layers * (2 * attn + 3 * H) + bias_table + H
     embed = arch.vocab_size * H * (1 if arch.tie_word_embeddings else 2)
     n_sparse = len(arch.sparse_layers("encoder")) + len(arch.sparse_layers("decoder"))
-    ffn = 2 * H * arch.d_ff
+    ffn = arch.ffn_matrices * H * arch.d_ff
     dense_ffns = arch.num_layers + arch.num_decoder_layers - n_sparse
     return {"backbone": enc + dec + embed + dense_ffns * ffn, "ffn": ffn, "sparse_layers": n_sparse,
             "router": H * arch.num_experts, "dense_ffns": dense_ffns}

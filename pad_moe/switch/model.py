@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pad_moe.moe.ffn import GatedFFN
 from pad_moe.moe.layer import build_ffn_block
 from pad_moe.switch.presets import SwitchArch, arch_from_hf_config, hf_config
 
@@ -140,8 +141,10 @@ def block_kwargs(arch: SwitchArch, *, ep_size: int = 1, ep_rank: int = 0, k: int
                  eval_capacity_factor: float = 2.0, min_capacity: int = 4, drop_tokens: bool = True,
                  noisy_gate_policy: Optional[str] = None, use_rts: bool = True, granularity: str = "element",
                  mask_sharing: str = "layer", scale_mode: str = "both", seed: int = 0) -> dict:
-    """build_ffn_block keyword arguments of a Switch sparse FFN (top-1 by default, ReLU, no biases)."""
-    return dict(num_experts=arch.num_experts, k=k, ep_size=ep_size, ep_rank=ep_rank, activation="relu", bias=False,
+    """build_ffn_block keyword arguments of a Switch sparse FFN (top-1 by default, no biases; ReLU mlp experts, or
+    GEGLU glu experts for a gated preset)."""
+    return dict(num_experts=arch.num_experts, k=k, ep_size=ep_size, ep_rank=ep_rank, activation=arch.activation,
+                bias=False, expert_type=arch.expert_type,
                 capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                 min_capacity=min_capacity, drop_tokens=drop_tokens, noisy_gate_policy=noisy_gate_policy,
                 use_rts=use_rts, second_expert_sampling=False, granularity=granularity, mask_sharing=mask_sharing,
@@ -152,9 +155,17 @@ def build_switch(arch: SwitchArch, mode: str = "pad", *, z_loss_coef: float = 0.
                  dropout: Optional[float] = None, seed: int = 0, **kwargs) -> SwitchModel:
     """A Switch model of ``arch`` from scratch: HF's init for the dense parts (seeded by ``seed``), pad_moe's for the
     sparse FFNs (experts seeded by global expert id, so any ep_size builds the same model). ``kwargs`` go to
-    ``block_kwargs`` (ep_size, ep_rank, capacity, granularity, ...). Works under ``torch.device('meta')``."""
+    ``block_kwargs`` (ep_size, ep_rank, capacity, granularity, ...). Works under ``torch.device('meta')``.
+    A gated preset (``arch.expert_type='glu'``, Switch-XXL) has GEGLU dense FFNs too: pad_moe's ``GatedFFN``
+    (nn.Linear's init, no dropout inside the FFN) replaces each of HF's two-matrix dense FFNs."""
     torch.manual_seed(seed)
     hf = _hf_shell(arch, dropout)
+    if arch.expert_type == "glu":
+        for stack in STACKS:
+            for layer in getattr(hf, stack).block:
+                ff = layer.layer[-1]
+                if not ff.is_sparse:
+                    ff.mlp = GatedFFN(arch.d_model, arch.d_ff, arch.activation, bias=False)
     bk = block_kwargs(arch, seed=seed, **kwargs)
     for i, (stack, ff) in enumerate(_sparse_slots(hf)):
         block = build_ffn_block(mode, arch.d_model, arch.d_ff, **{**bk, "seed": seed * 131 + i})

@@ -1,19 +1,20 @@
 """Switch Transformer architectures (Fedus et al., 2021) as named presets, and their registry entries.
 
 Shapes follow the released Hugging Face checkpoints where they exist (``google/switch-base-*``: T5-v1.0 style FFN,
-ReLU, no bias, d_ff 3072) and the paper's Table 9 otherwise. pad_moe's FFN has two matrices (``wi``, ``wo``), as
-Hugging Face's SwitchTransformers does; the paper's Switch-Base/Large/XXL use a gated GEGLU FFN (three matrices):
+ReLU, no bias, d_ff 3072) and the paper's Table 9 otherwise. Each preset names its FFN type (``expert_type``): ``mlp``
+has two matrices (``wi``, ``wo``, as Hugging Face's SwitchTransformers), ``glu`` three (GEGLU, T5 v1.1: ``wi_0``,
+``wi_1``, ``wo``; pad_moe's gate_proj, up_proj, down_proj with gelu_tanh). The paper's Switch-Base/Large/XXL use GEGLU:
 
 - Switch-Base (paper: GEGLU, d_ff 2048) has exactly the expert size of the released ReLU d_ff 3072 FFN
   (3·768·2048 = 2·768·3072), so the 7.4B of ``switch-base-128`` is the paper's 7B model.
 - Switch-Large uses d_ff 4096 (T5-v1.0 large, the convention of the released checkpoints; the paper's GEGLU d_ff 2816 has
   3 % more parameters per expert). Not checked against the released switch-large-128 config.
-- Switch-XXL keeps the paper's d_ff 10240 with a two-matrix FFN, so its experts hold 2/3 of the paper's GEGLU experts:
-  ``switch-xxl-128`` counts ≈ 265B here where the paper's GEGLU model has 395B. The paper's table lists 64 experts and
-  the released checkpoint is named for 128: both are offered (``switch-xxl-64``, ``switch-xxl-128``; ``switch-xxl`` is
-  the paper's 64).
-- Switch-C (no GEGLU in the paper) has every FFN sparse (paper: "expert frequency 1"), 15 + 15 layers, 32 heads:
-  1571B as published. (The released switch-c-2048 config.json lists 30 heads and a 12-layer decoder.)
+- Switch-XXL is GEGLU (``expert_type='glu'``) with the paper's d_ff 10240: 3·4096·10240 per FFN, so
+  ``switch-xxl-128`` counts 394.6B, the paper's 395B (its 395B needs 128 experts: with the 64 its table lists, the
+  same shapes hold 201B). Both are offered (``switch-xxl-64``, ``switch-xxl-128``; ``switch-xxl`` is the paper's 64).
+- Switch-C has no GEGLU (its two-matrix FFN is the paper's count) and every FFN sparse (paper: "expert frequency 1"),
+  15 + 15 layers, 32 heads: 1571B as published. (The released switch-c-2048 config.json lists 30 heads and a 12-layer
+  decoder.)
 
 Sparse placement is Hugging Face's: with ``sparse_step`` s, FFN i of a stack is sparse when ``i % s == 1`` (s = 2:
 layers 1, 3, 5, ...) or when s = 1 (every layer).
@@ -44,9 +45,13 @@ class SwitchArch:
     """True: the LM head is the input embedding (T5 v1.0, released Switch-Base); False: a separate LM head."""
     relative_attention_num_buckets: int = 32
     dropout: float = 0.1
+    expert_type: str = "mlp"
+    """FFN type of every FFN, dense and sparse: mlp (wi, wo; ReLU) | glu (wi_0, wi_1, wo; GEGLU with gelu_tanh)."""
     source: str = ""
 
     def __post_init__(self):
+        if self.expert_type not in ("mlp", "glu"):
+            raise ValueError(f"expert_type={self.expert_type!r} is unknown; allowed: mlp, glu")
         for name in ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "num_experts",
                      "vocab_size"):
             if getattr(self, name) < 1:
@@ -58,6 +63,16 @@ class SwitchArch:
         """Indices of the sparse FFN layers of the 'encoder' or 'decoder' stack."""
         n = self.num_layers if stack == "encoder" else self.num_decoder_layers
         return [i for i in range(n) if self.sparse_step == 1 or i % self.sparse_step == 1]
+
+    @property
+    def activation(self) -> str:
+        """The FFN activation: relu for mlp (T5 v1.0), gelu_tanh for glu (GEGLU, T5 v1.1's gated-gelu)."""
+        return "gelu_tanh" if self.expert_type == "glu" else "relu"
+
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices per FFN: 2 (wi, wo) or 3 (wi_0, wi_1, wo)."""
+        return 3 if self.expert_type == "glu" else 2
 
     def with_(self, **changes) -> "SwitchArch":
         return replace(self, **changes)
@@ -72,11 +87,12 @@ SWITCH_ARCHS: dict[str, SwitchArch] = {
                                    num_decoder_layers=24, num_experts=128, sparse_step=2,
                                    source="paper Table 9 (Switch-Large), T5-v1.0 large ReLU FFN d_ff 4096"),
     "switch-xxl-64": SwitchArch(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, num_decoder_layers=24,
-                                num_experts=64, sparse_step=2, tie_word_embeddings=False,
-                                source="paper Table 9 (Switch-XXL, 64 experts), two-matrix FFN"),
+                                num_experts=64, sparse_step=2, tie_word_embeddings=False, expert_type="glu",
+                                source="paper Table 9 (Switch-XXL, 64 experts), GEGLU FFN"),
     "switch-xxl-128": SwitchArch(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
                                  num_decoder_layers=24, num_experts=128, sparse_step=2, tie_word_embeddings=False,
-                                 source="released google/switch-xxl-128 expert count, paper Table 9 shapes"),
+                                 expert_type="glu",
+                                 source="released google/switch-xxl-128 expert count, paper Table 9 shapes, GEGLU"),
     "switch-c-2048": SwitchArch(d_model=2080, d_ff=6144, d_kv=64, num_heads=32, num_layers=15, num_decoder_layers=15,
                                 num_experts=2048, sparse_step=1, tie_word_embeddings=False,
                                 source="paper Table 9 (Switch-C: every FFN sparse)"),
@@ -152,7 +168,7 @@ def registry_entries() -> dict[str, dict[str, dict[str, Any]]]:
         model = {"arch": "switch", "hidden_size": a.d_model, "ffn_size": a.d_ff, "num_layers": a.num_layers,
                  "num_heads": a.num_heads, "vocab_size": a.vocab_size, "max_seq_len": 512 if a.d_model > 32 else 32,
                  "dropout": a.dropout}
-        moe = {"num_experts": a.num_experts, "k": 1, "every": a.sparse_step, "activation": "relu",
+        moe = {"num_experts": a.num_experts, "k": 1, "every": a.sparse_step, "activation": a.activation,
                "capacity_factor": 1.25, "eval_capacity_factor": 2.0, "min_capacity": 0 if a.d_model <= 32 else 4,
                "aux_loss_coef": 0.01}
         out[name] = {"model": model, "moe": moe}
