@@ -28,6 +28,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(_free_port())  # one process without a launcher: any free port
+        os.environ.setdefault("MASTER_PORT", "29512")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -122,6 +123,13 @@ def check_ds_config(ds: dict[str, Any], path: str) -> None:
     """Parse ``ds`` as DeepSpeed will at initialize, so that a bad key is one line before anything is created."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    ckpt = ds.get("checkpoint") or {}
+    refused = {"use_node_local_storage": "pad_moe's checkpoints need one folder every rank shares",
+               "load_universal": "universal checkpoints load with weights_only=False",
+               "writer": "only DeepSpeed's torch checkpoint engine can be made to load with weights_only=True"}
+    for key, why in refused.items():
+        if isinstance(ckpt, dict) and ckpt.get(key):
+            raise UsageError(f"train.ds_config={path!r} sets checkpoint.{key}: {why}; remove it from the JSON")
     try:
         DeepSpeedConfig(json.loads(json.dumps(ds)))
     except Exception as err:  # noqa: BLE001 - pydantic ValidationError, DeepSpeedConfigError, assertion errors
@@ -188,6 +196,17 @@ def gather_expert_rows(layer, rows: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_rows)[order]
 
 
+def all_equal(value: str) -> bool:
+    """Whether every rank passed the same string (True in one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return all(v == value for v in values)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -222,7 +241,7 @@ def use_weights_only_checkpoints(engine) -> None:
     current = engine.checkpoint_engine
     if type(current) is not TorchCheckpointEngine:
         raise UsageError(f"the DeepSpeed checkpoint engine {type(current).__name__} cannot be made to load with "
-                         "weights_only=True; remove its section (nebula, fast/decoupled writers) from train.ds_config")
+                         "weights_only=True; remove checkpoint.writer from train.ds_config")
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):

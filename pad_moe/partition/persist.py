@@ -54,11 +54,8 @@ def save_partition(path: str, model: nn.Module, record: Union[PartitionReport, d
     C.barrier()
 
 
-def load_partition(path: str, model: nn.Module) -> dict:
-    """Set the masks of ``model`` from a folder written by ``save_partition``; return the record.
-
-    A record with method 'moe_p' also drops the static part again (λs = 0), which is not part of the model's state.
-    """
+def read_partition(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(every saved mask by ``<module>::<mask>`` key, the record), without touching any model."""
     record_path = os.path.join(path, RECORD_FILE)
     if not os.path.isfile(record_path):
         raise ValueError(f"{path!r} holds no saved partition ({RECORD_FILE} and {MASK_FILES} expected)")
@@ -75,6 +72,28 @@ def load_partition(path: str, model: nn.Module) -> dict:
             if key in saved and not torch.equal(saved[key], mask):
                 raise ValueError(f"{path!r}: mask {key!r} differs between rank files")
             saved[key] = mask
+    return saved, record
+
+
+def masks_differ(path: str, model: nn.Module) -> list[str]:
+    """Keys of ``model``'s masks (this rank's) that are absent from, or differ from, the partition saved in ``path``;
+    the model is not changed (a compacted layer's masks cannot be set again)."""
+    saved, _ = read_partition(path)
+    differ = []
+    for name, module in MaskLayout(model).modules:
+        for mask_name, current in module.masks().items():
+            key = f"{name}::{mask_name}"
+            if key not in saved or not torch.equal(saved[key], current.detach().to("cpu", torch.bool)):
+                differ.append(key)
+    return differ
+
+
+def load_partition(path: str, model: nn.Module) -> dict:
+    """Set the masks of ``model`` from a folder written by ``save_partition``; return the record.
+
+    A record with method 'moe_p' also drops the static part again (λs = 0), which is not part of the model's state.
+    """
+    saved, record = read_partition(path)
     layout = MaskLayout(model)
     _check_known(path, saved, layout)
     new_masks = []

@@ -86,7 +86,7 @@ def verify(tag_dir: str) -> tuple[Optional[dict], str]:
     if not os.path.isdir(tag_dir):
         return None, "its folder does not exist"
     if not os.path.isfile(path):
-        return None, "it has no manifest (its save did not finish)"
+        return None, "it has no manifest (its save did not finish, or pad_moe < 0.2 wrote it)"
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -127,11 +127,13 @@ def _step_dirs(root: str) -> list[tuple[int, str]]:
 
 
 def _read_latest(root: str) -> Optional[str]:
+    """The tag ``latest`` names, if it names a step folder (anything else, e.g. ``../x``, is ignored)."""
     try:
         with open(os.path.join(root, LATEST)) as f:
-            return f.read().strip() or None
-    except OSError:
+            tag = f.read().strip()
+    except (OSError, UnicodeDecodeError):
         return None
+    return tag if _TAG.match(tag) else None
 
 
 def find_resume_point(root: str, world: int) -> ResumePoint:
@@ -154,9 +156,11 @@ def find_resume_point(root: str, world: int) -> ResumePoint:
                 f"launch has {world}; launch {manifest['world_size']} ranks, or write a run for {world} with "
                 f"'padmoe reshard {root} --ep E --world {world} --out DIR'")
         note = ""
-        if skipped or tag != named:
-            said = "; ".join(skipped) if skipped else f"'latest' names {named!r}"
-            note = f"padmoe: resume: skipping {said}; resuming from {tag}, the newest complete checkpoint"
+        if skipped:
+            note = f"padmoe: resume: skipping {'; '.join(skipped)}; resuming from {tag}, the newest complete checkpoint"
+        elif tag != named:
+            said = f"'latest' names {named!r}" if named else "there is no valid 'latest'"
+            note = f"padmoe: resume: {tag} is complete but {said} (the save ended before moving it); resuming from {tag}"
         return ResumePoint(tag, manifest["step"], world, note)
     detail = "; ".join(skipped) if skipped else "no step folders"
     raise D.UsageError(f"--resume: no complete checkpoint under {root} ({detail}); start the run again under a new "
@@ -181,6 +185,10 @@ def save(engine, root: str, step: int, rank: int, world: int, client_state: dict
     _fault("rng", rank, step)
     D.barrier()  # every rank has written every file of this checkpoint
     if rank == 0:
+        unseen = [r for r in range(world) if not os.path.isfile(os.path.join(tag_dir, f"rng_rank{r}.pt"))]
+        if unseen:
+            raise D.UsageError(f"rank 0 does not see the files ranks {unseen} wrote to {tag_dir}: the run folder must "
+                               "be on a filesystem every rank shares; set output_dir to such a folder")
         write_manifest(tag_dir, step, world)
         _fault("manifest", rank, step)
         point_latest(root, tag)
@@ -217,15 +225,23 @@ def load(engine, root: str, point: ResumePoint, rank: int) -> dict:
 
     try:
         path, client = engine.load_checkpoint(root, tag=point.tag)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except (pickle.UnpicklingError, EOFError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise D.UsageError(f"--resume: checkpoint {os.path.join(root, point.tag)} cannot be loaded safely "
+        raise D.UsageError(f"--resume: checkpoint {os.path.join(root, point.tag)} cannot be read "
                            f"({type(err).__name__}: {first}); resume from another checkpoint or start a new run") \
             from None
+    except (RuntimeError, KeyError, TypeError) as err:  # the files are safe but do not fit this model / layout
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise D.UsageError(f"--resume: checkpoint {os.path.join(root, point.tag)} does not fit the model this config "
+                           f"builds ({type(err).__name__}: {first}); resume with the run's own config") from None
     if path is None or client is None:
         raise D.UsageError(f"--resume: DeepSpeed found nothing to load in {os.path.join(root, point.tag)}")
     rng_path = os.path.join(root, point.tag, f"rng_rank{rank}.pt")
-    if os.path.isfile(rng_path):  # absent only for ranks a reshard added (it says so in reshard.json)
+    resharded = os.path.isfile(os.path.join(os.path.dirname(root), "reshard.json"))
+    if not os.path.isfile(rng_path) and not resharded:  # only ranks a reshard added have none (reshard.json says so)
+        raise D.UsageError(f"--resume: {rng_path} is missing: this rank's random state is lost, the resume would not "
+                           "be exact; resume from another checkpoint")
+    if os.path.isfile(rng_path):
         rng = D.weights_only_load(rng_path)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Iterator
 
@@ -193,7 +195,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     before the run directory is created; a start that fails before its first step removes the directory it created.
     """
     t0 = time.time()
-    state.check_run_dir(cfg, resume)
+    length_note = state.check_run_dir(cfg, resume)
     rank, world = D.init_distributed()
     point = state.find_resume_point(cfg.run_dir, world) if resume else None  # a world-size change: reshard first
     ep_rank = D.expert_parallel_rank(rank, world, cfg.moe.ep_size)
@@ -204,26 +206,41 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     eval_every = cfg.train.eval_every or steps_per_epoch  # default: every epoch (and always at the end)
     ds = D.build_ds_config(cfg, world, total_steps)
     D.check_ds_config(ds, cfg.train.ds_config)
-    if point is not None and point.step >= total_steps:
+    if point is not None and point.step > total_steps:
+        raise D.UsageError(f"--resume: the newest checkpoint is at step {point.step}, past this run's {total_steps} "
+                           "steps; resume with train.steps >= its step")
+    if point is not None and point.step == total_steps and _summary_of(cfg, total_steps) is not None:
         return _finished(cfg, point, rank)
-    if point is not None and point.note and rank == 0:
-        print(point.note, file=sys.stderr, flush=True)
+    for note in (point.note if point is not None else "", length_note):
+        if note and rank == 0:
+            print(note, file=sys.stderr, flush=True)
+    if point is not None and not D.all_equal(point.tag):
+        raise D.UsageError(f"--resume: the ranks see different newest checkpoints under {cfg.run_dir}: the run folder "
+                           "must be on a filesystem every rank shares")
     created = state.create_run_dir(cfg, resume, rank)
+    events_before = state.tensorboard_files(cfg.run_dir)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None  # a failed peer: unwind, clean up
     try:
         engine, record = _start(job, cfg, batches, world, total_steps, ds, resume, rank)
+        start_step, losses = 0, []
+        if point is not None:
+            client = state.load_checkpoint(engine, cfg.run_dir, point, rank)
+            start_step, record, losses = point.step, client.get("partition"), list(client.get("losses") or [])
+            if is_pad and record is not None:
+                state.check_masks_match_partition(cfg.run_dir, engine.module, record)
+            elif is_pad and cfg.partition.enabled and start_step > cfg.partition.warmup_steps:
+                raise D.UsageError(f"--resume: checkpoint {point.tag} has no partition record although the partition "
+                                   f"runs at step {cfg.partition.warmup_steps}; it was not written by this run")
     except BaseException:
-        if created:
+        if rank == 0 and created:
             state.remove_fresh_run_dir(cfg, rank)
+        elif rank == 0:
+            state.remove_new_tensorboard_files(cfg.run_dir, events_before)
         raise
-    start_step, losses = 0, []
-    if point is not None:
-        client = state.load_checkpoint(engine, cfg.run_dir, point, rank)
-        start_step, record, losses = point.step, client.get("partition"), list(client.get("losses") or [])
-        if is_pad and record is not None:
-            state.check_masks_match_partition(cfg.run_dir, engine.module, record)
-        elif is_pad and cfg.partition.enabled and start_step > cfg.partition.warmup_steps:
-            raise D.UsageError(f"--resume: checkpoint {point.tag} has no partition record although the partition "
-                               f"runs at step {cfg.partition.warmup_steps}; the checkpoint was not written by this run")
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     monitor = engine.monitor if rank == 0 and getattr(engine, "monitor", None) is not None else None
 
     from tqdm import tqdm
@@ -276,7 +293,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     bar.close()
     metrics, dynamics = evaluate_all(engine, job, cfg, rank, world)
     _log_eval(monitor, metrics, dynamics, total_steps)
-    state.save_checkpoint(engine, cfg, total_steps, rank, world, record, losses)
+    if start_step < total_steps:  # a resume of a finished run whose summary was lost writes only the summary
+        state.save_checkpoint(engine, cfg, total_steps, rank, world, record, losses)
     summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
                "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
                "wall_time_s": time.time() - t0, "partition": record, "dynamics": dynamics,
@@ -287,6 +305,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         os.replace(os.path.join(cfg.run_dir, "summary.json.tmp"), os.path.join(cfg.run_dir, "summary.json"))
     D.barrier()
     return summary
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 class TrainingError(ValueError):
@@ -313,19 +335,24 @@ def _start(job: Job, cfg: RunConfig, batches: MicroBatches, world: int, total_st
     return engine, record
 
 
+def _summary_of(cfg: RunConfig, steps: int) -> dict | None:
+    """RUN_DIR/summary.json if it is the summary of a run that ended at ``steps`` (all its losses), else None."""
+    try:
+        with open(os.path.join(cfg.run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(summary, dict) and summary.get("steps") == steps and len(summary.get("losses") or []) == steps
+    return summary if ok else None
+
+
 def _finished(cfg: RunConfig, point, rank: int) -> dict:
-    """--resume of a run whose last checkpoint is its final step: nothing to train, nothing rewritten."""
-    path = os.path.join(cfg.run_dir, "summary.json")
-    if not os.path.isfile(path):
-        raise D.UsageError(f"--resume: {cfg.run_dir} reached its last step ({point.step}) but has no summary.json; "
-                           f"export its checkpoint with 'padmoe export {state.checkpoint_root(cfg.run_dir)}'")
-    with open(path) as f:
-        summary = json.load(f)
+    """--resume of a run whose last checkpoint is its final step and whose summary says so: nothing to do."""
     if rank == 0:
         print(f"padmoe: {cfg.name} already finished at step {point.step}; nothing to resume (pass a larger "
               "train.steps with --resume to train longer)", file=sys.stderr, flush=True)
     D.barrier()
-    return summary
+    return _summary_of(cfg, point.step)
 
 
 def _global_mean(value: torch.Tensor, world: int) -> float:

@@ -24,28 +24,30 @@ from pad_moe import distributed as D
 from pad_moe.config import RunConfig, save_config, to_dict
 from pad_moe.train import checkpoints
 
-# Config fields a resumed run must share with the run it continues.
-RESUME_KEYS = ("model", "moe.mode", "moe.num_experts", "moe.ep_size", "moe.k", "moe.granularity",
-               "moe.mask_sharing", "moe.scale_mode", "moe.compact", "moe.every", "moe.router_z_loss_coef",
-               "partition.kappa", "partition.method", "partition.warmup_steps", "partition.nested",
-               "partition.score_loss", "partition.iterations", "partition.scorer", "partition.num_batches",
-               "partition.seed", "train.micro_batch_size", "train.grad_accum", "train.lr", "train.seed", "data.task",
-               "data.num_labels", "data.text_files", "data.seed", "data.max_train", "data.max_length")
+# Config fields a resume may change (everything else must equal the run it continues: any other change alters the
+# trajectory, and the resume would not be the run it claims to continue). Steps/epochs may grow: said in one line.
+RESUME_MAY_CHANGE = ("name", "output_dir", "model.path", "train.steps", "train.epochs", "train.log_every",
+                     "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints", "train.dynamics_batches",
+                     "data.max_eval", "data.cache_dir", "vision.dataset_path", "vision.eval_limit", "vision.impl")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and dotted not in ("data.data_files",):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
 
 
 _UNSET = "<not recorded>"
 
 
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return _UNSET
-        tree = tree[part]
-    return tree
-
-
-def check_run_dir(cfg: RunConfig, resume: bool) -> None:
-    """Fresh run: refuse a run dir that already holds a run. Resume: the saved config must match on RESUME_KEYS."""
+def check_run_dir(cfg: RunConfig, resume: bool) -> str:
+    """Fresh run: refuse a run dir that already holds a run. Resume: the saved config must equal this one except on
+    RESUME_MAY_CHANGE; returns the one line to print when the length of the run changed (else "")."""
     path = os.path.join(cfg.run_dir, "config.yaml")
     exists = os.path.isfile(path)
     if resume:
@@ -59,15 +61,20 @@ def check_run_dir(cfg: RunConfig, resume: bool) -> None:
                                "or start a new run name") from None
         if not isinstance(saved, dict):
             raise D.UsageError(f"--resume: {path} is not a run config (a mapping); restore it or start a new run name")
-        now = to_dict(cfg)
-        for key in RESUME_KEYS:
-            if _lookup(saved, key) != _lookup(now, key):
-                raise D.UsageError(f"--resume: {key} is {_lookup(now, key)!r} but the run in {cfg.run_dir} used "
-                                   f"{_lookup(saved, key)!r}; resume with the same {key} or start a new run name")
-        return
+        now, then = _flatten(to_dict(cfg)), _flatten(saved)
+        for key in sorted(set(now) | set(then)):
+            if key in RESUME_MAY_CHANGE or key.split(".")[0] in RESUME_MAY_CHANGE:
+                continue
+            if now.get(key, _UNSET) != then.get(key, _UNSET):
+                raise D.UsageError(f"--resume: {key} is {now.get(key, _UNSET)!r} but the run in {cfg.run_dir} used "
+                                   f"{then.get(key, _UNSET)!r}; resume with the same {key} or start a new run name")
+        grown = [k for k in ("train.steps", "train.epochs") if now.get(k) != then.get(k)]
+        return (f"padmoe: resume: {', '.join(f'{k} {then.get(k)} -> {now.get(k)}' for k in grown)}: the learning-rate "
+                "schedule is stretched to the new length from the resumed step on") if grown else ""
     if exists or os.path.isdir(os.path.join(cfg.run_dir, "checkpoints")):
-        raise D.UsageError(f"run directory {cfg.run_dir} already holds a run; pass --resume to continue it or set "
-                           "name=<new name>")
+        raise D.UsageError(f"run directory {cfg.run_dir} already holds a run; pass --resume to continue it, or set "
+                           "name=<new name> (or remove the folder if that run never reached a checkpoint)")
+    return ""
 
 
 def create_run_dir(cfg: RunConfig, resume: bool, rank: int) -> bool:
@@ -82,7 +89,23 @@ def create_run_dir(cfg: RunConfig, resume: bool, rank: int) -> bool:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, path)
     D.barrier()
+    if not os.path.isfile(path):
+        raise D.UsageError(f"rank {rank} does not see {path} that rank 0 wrote: the run folder must be on a "
+                           "filesystem every rank shares; set output_dir to such a folder")
     return created
+
+
+def tensorboard_files(run_dir: str) -> set[str]:
+    found = set()
+    for folder, _, files in os.walk(os.path.join(run_dir, "tensorboard")):
+        found.update(os.path.join(folder, f) for f in files)
+    return found
+
+
+def remove_new_tensorboard_files(run_dir: str, before: set[str]) -> None:
+    """After a resume that failed before its first step: the event files its engine created hold nothing."""
+    for path in tensorboard_files(run_dir) - before:
+        os.remove(path)
 
 
 def remove_fresh_run_dir(cfg: RunConfig, rank: int) -> None:
@@ -139,20 +162,33 @@ def load_checkpoint(engine, run_dir: str, point: checkpoints.ResumePoint, rank: 
     return client
 
 
-def check_masks_match_partition(run_dir: str, model, record: dict) -> None:
-    """The masks loaded from a checkpoint must be the run's partition (RUN_DIR/partition): the two cannot disagree."""
-    from pad_moe.pad.protocol import pad_modules
+RECORD_CLOCK_KEYS = ("time_s",)
+"""Record fields that measure, rather than decide, a partition: not compared on resume."""
 
-    before = [{k: v.clone() for k, v in module.masks().items()} for _, module in pad_modules(model)]
-    if not has_run_partition(run_dir):
-        raise D.UsageError(f"--resume: the checkpoint has a partition record but {run_dir}/partition is missing; "
-                           "restore it or start a new run")
-    saved = load_run_partition(run_dir, model)
-    after = [module.masks() for _, module in pad_modules(model)]
-    same = all(torch.equal(a[k].cpu(), b[k].cpu()) for a, b in zip(before, after) for k in a)
-    if not same or {k: v for k, v in saved.items() if k in record} != record:
-        raise D.UsageError(f"--resume: the checkpoint's masks or partition record differ from {run_dir}/partition; "
-                           "the run folder was altered: resume from a copy that is intact or start a new run")
+
+def check_masks_match_partition(run_dir: str, model, record: dict) -> None:
+    """The masks loaded from a checkpoint must be the run's partition (RUN_DIR/partition) and the two records the
+    same: they cannot disagree. The model is not changed (a compacted layer's masks are fixed); a MoE-P partition's
+    dropped static part (λs = 0, not in the model's state) is dropped again."""
+    from pad_moe.pad.protocol import pad_modules
+    from pad_moe.partition.persist import masks_differ, read_partition
+
+    where = os.path.join(run_dir, "partition")
+    try:
+        _, saved = read_partition(where)
+        differ = masks_differ(where, model)
+    except ValueError as err:
+        raise D.UsageError(f"--resume: the checkpoint has a partition record but {err}; restore {where} or start a "
+                           "new run") from None
+    decided = [k for k in record if k not in RECORD_CLOCK_KEYS]
+    changed = [k for k in decided if saved.get(k) != record[k]]
+    if differ or changed:
+        what = f"masks {differ[:3]}" if differ else f"record fields {changed[:3]}"
+        raise D.UsageError(f"--resume: the checkpoint's {what} differ from {where}; the run folder was altered: "
+                           "resume from a copy that is intact or start a new run")
+    if record.get("method") == "moe_p":
+        for _, module in pad_modules(model):
+            module.drop_static()
 
 
 def gather_rank_major(t: torch.Tensor, world: int) -> torch.Tensor:

@@ -1,0 +1,80 @@
+"""Exact resume of the run variants whose masks shape the model or its scale factors (compacted neuron layers, MoE-P's
+dropped static part), pruning through the trainer, a raised step count, and a finished run whose summary was lost.
+One rank, the console path (``python -m pad_moe train``)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pad_moe.train import checkpoints as C
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2"}
+
+
+def train(out, name, *extra):
+    argv = [sys.executable, "-m", "pad_moe", "train", "configs/debug.yaml", f"output_dir={out}", f"name={name}",
+            "moe.ep_size=1", "train.steps=6", "train.log_every=100", "train.eval_every=100", *extra]
+    proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def summary(run_dir):
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def cut_back_to(run_dir, step):
+    ckpt = run_dir / "checkpoints"
+    for name in os.listdir(ckpt):
+        if name.startswith("step") and int(name[4:]) > step:
+            shutil.rmtree(ckpt / name)
+    C.point_latest(str(ckpt), f"step{step}")
+    os.remove(run_dir / "summary.json")
+
+
+def same(run_dir, ref_dir):
+    got, want = summary(run_dir), summary(ref_dir)
+    assert got["losses"] == pytest.approx(want["losses"], rel=1e-6, abs=1e-7)
+    assert got["eval"] == want["eval"]
+    assert (got["params_training"], got["params_compact"]) == (want["params_training"], want["params_compact"])
+
+
+def test_a_compacted_run_resumes_exactly_then_grows_and_a_lost_summary_is_rebuilt(tmp_path):
+    extra = ("model.preset=debug-neuron", "train.checkpoint_every=2", "train.keep_checkpoints=0")
+    train(tmp_path, "ref", *extra)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    shutil.copytree(ref, run)
+    cut_back_to(run, 2)
+    train(tmp_path, "run", *extra, "--resume")
+    same(run, ref)
+    assert summary(run)["params_compact"] == summary(run)["params_training"]  # compacted: trains at the stored size
+
+    final = run / "checkpoints" / "step6" / "mp_rank_00_model_states.pt"
+    stamp = os.path.getmtime(final)
+    os.remove(run / "summary.json")  # a crash between the final checkpoint and the summary
+    train(tmp_path, "run", *extra, "--resume")
+    same(run, ref)
+    assert os.path.getmtime(final) == stamp  # the final checkpoint is not written again
+
+    grown = train(tmp_path, "run", *extra, "train.steps=8", "--resume")
+    assert "train.steps 6 -> 8" in grown.stderr
+    assert summary(run)["start_step"] == 6 and len(summary(run)["losses"]) == 8
+
+
+def test_moe_p_resumes_exactly_after_its_partition_and_old_checkpoints_are_pruned(tmp_path):
+    extra = ("partition.method=moe_p", "partition.warmup_steps=2", "train.checkpoint_every=1",
+             "train.keep_checkpoints=2")
+    train(tmp_path, "ref", *extra)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert sorted(n for n in os.listdir(ref / "checkpoints") if n.startswith("step")) == ["step5", "step6"]
+    shutil.copytree(ref, run)
+    cut_back_to(run, 5)  # after the partition at step 2: λs = 0 is not in the model's state and must be dropped again
+    train(tmp_path, "run", *extra, "--resume")
+    same(run, ref)
+    assert summary(run)["partition"]["method"] == "moe_p"
