@@ -127,8 +127,8 @@ def test_reshard_2_to_1_to_2_then_training_continues(runs, capsys):
              train_cmd(str(two / "config.yaml"), ["train.steps=8", "--resume"], 2)])
     for folder, world in ((one, 1), (two, 2)):
         summary = json.loads((folder / "summary.json").read_text())
-        assert (summary["start_step"], summary["world_size"], len(summary["losses"])) == (6, world, 2)
-        assert all(0 < x < 1.0 for x in summary["losses"])  # continues from the trained weights (start ~0.69)
+        assert (summary["start_step"], summary["world_size"], len(summary["losses"])) == (6, world, 8)  # history kept
+        assert all(0 < x < 1.0 for x in summary["losses"][6:])  # continues from the trained weights (start ~0.69)
         assert (folder / "checkpoints" / "step8" / "mp_rank_00_model_states.pt").is_file()
     assert "optimizer" in json.loads((two / "reshard.json").read_text())
 

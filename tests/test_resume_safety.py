@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pad_moe.testing.ranks import free_port
+from pad_moe.testing.runs import cut_back_to
 from pad_moe.train import checkpoints as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,21 +72,11 @@ def reference(tmp_path_factory):
     return out, out / "ref"
 
 
-def _cut_back_to(run_dir, step):
-    """The run as a crash after checkpoint ``step`` leaves it (its partition folder may be newer than the step)."""
-    ckpt = run_dir / "checkpoints"
-    for name in os.listdir(ckpt):
-        if name.startswith("step") and int(name[4:]) > step:
-            shutil.rmtree(ckpt / name)
-    C.point_latest(str(ckpt), f"step{step}")
-    os.remove(run_dir / "summary.json")
-
-
 def test_resume_from_before_the_warmup_partition_partitions_and_is_exact(reference):
     out, ref = reference
     run = out / "pre"
     shutil.copytree(ref, run)
-    _cut_back_to(run, 3)  # step 3 < warmup 4: its masks are all ones; RUN_DIR/partition is from the later partition
+    cut_back_to(run, 3)  # step 3 < warmup 4: its masks are all ones; RUN_DIR/partition is from the later partition
     proc = ok(launch([*common(out, "pre"), "--resume"]))
     assert summary(run)["start_step"] == 3
     assert summary(run)["partition"]["dynamic_per_round"][-1] < summary(run)["partition"]["total_entries"]
@@ -97,7 +88,7 @@ def test_resume_after_the_partition_is_exact_and_a_finished_run_is_left_alone(re
     out, ref = reference
     run = out / "post"
     shutil.copytree(ref, run)
-    _cut_back_to(run, 6)
+    cut_back_to(run, 6)
     ok(launch([*common(out, "post"), "--resume"]))
     assert_same_run(run, ref)
     before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(run) for p in fs}
@@ -116,7 +107,7 @@ def test_a_planted_pickle_that_would_run_code_is_refused(reference, tmp_path):
     out, ref = reference
     run = out / "tampered"
     shutil.copytree(ref, run)
-    _cut_back_to(run, 6)
+    cut_back_to(run, 6)
     marker = tmp_path / "code_ran"
     os.environ["PAD_MOE_TEST_MARKER"] = str(marker)
     tag_dir = run / "checkpoints" / "step6"
@@ -157,7 +148,7 @@ def test_a_world_size_change_on_resume_is_one_line_pointing_to_reshard(reference
     out, ref = reference
     run = out / "world"
     shutil.copytree(ref, run)
-    _cut_back_to(run, 6)
+    cut_back_to(run, 6)
     before = sorted(os.listdir(run / "checkpoints"))
     proc = subprocess.run([sys.executable, "-m", "pad_moe", "train", *common(out, "world"), "--resume"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pad_moe.train import checkpoints as C
+from pad_moe.testing.runs import cut_back_to
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2"}
@@ -27,15 +27,6 @@ def train(out, name, *extra):
 def summary(run_dir):
     with open(os.path.join(run_dir, "summary.json")) as f:
         return json.load(f)
-
-
-def cut_back_to(run_dir, step):
-    ckpt = run_dir / "checkpoints"
-    for name in os.listdir(ckpt):
-        if name.startswith("step") and int(name[4:]) > step:
-            shutil.rmtree(ckpt / name)
-    C.point_latest(str(ckpt), f"step{step}")
-    os.remove(run_dir / "summary.json")
 
 
 def same(run_dir, ref_dir):
