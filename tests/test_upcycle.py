@@ -10,8 +10,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     ElectraConfig,
-    GPT2Config,
-    GPT2Model,
     RobertaConfig,
 )
 
@@ -219,8 +217,8 @@ def one_line_error(fn, match: str) -> str:
 
 def test_models_without_a_recognisable_ffn_are_refused():
     one_line_error(lambda: upcycle(nn.Linear(4, 4)), "no recognisable FFN")
-    gpt2 = GPT2Model(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32))
-    one_line_error(lambda: upcycle(gpt2), "GPT2Model has no recognisable FFN")
+    torch_layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16)  # linear1/linear2: no known kind
+    one_line_error(lambda: upcycle(torch_layer), "TransformerEncoderLayer has no recognisable FFN")
     one_line_error(lambda: upcycle("bert"), "nn.Module")
 
 

@@ -83,7 +83,7 @@ def resolve(name_or_config: str, overrides: tuple[str, ...] = ()) -> Arch:
         from pad_moe.models.upcycle import find_ffn_sites
 
         model = build_encoder(name_or_config)
-        sites = [_site(s.fc1, s.fc2) for s in find_ffn_sites(model)]
+        sites = [_site(*s.linears) for s in find_ffn_sites(model)]
         return Arch(name_or_config, _unique_params(model), sites,
                     {"mode": "pad", "num_experts": 8, "k": 2, "kappa": 0.5, "granularity": "element", "every": 1,
                      "scale_mode": "both", "static_dropped": False, "compacted": False})
@@ -136,7 +136,7 @@ def _config_model(cfg) -> tuple[nn.Module, list[FFNSite]]:
             hf.num_hidden_layers = cfg.model.num_layers
         with torch.device("meta"):
             model = AutoModelForSequenceClassification.from_config(hf)
-        return model, [_site(s.fc1, s.fc2) for s in find_ffn_sites(model)]
+        return model, [_site(*s.linears) for s in find_ffn_sites(model)]
     raise UsageError(f"model.arch={cfg.model.arch!r} cannot be counted; allowed: toy, hf")
 
 

@@ -1,4 +1,5 @@
-"""Upcycling: replace the FFN blocks of a Hugging Face encoder by static / MoE / PAD-MoE blocks (paper §5.1).
+"""Upcycling: replace the FFN blocks of a Hugging Face encoder or decoder LM by static / MoE / PAD-MoE blocks
+(paper §5.1).
 
 Every expert (and, for PAD, the static weight) starts as a copy of the pretrained FFN, so with top-2 routing and no
 dropped tokens the upcycled model computes exactly the original function: the two gate values of a token are
@@ -6,15 +7,10 @@ renormalised to sum to 1 and both experts are equal. With ``k=1`` DeepSpeed scal
 probability p(x), so a top-1 model starts as p(x)·FFN(x), not FFN(x). ``drop_tokens`` defaults to False here (dropless);
 with ``drop_tokens=True`` tokens over capacity lose their route and the equality no longer holds.
 
-Supported layouts, found by attributes of the installed ``transformers`` classes:
-
-- BERT-style layers (BERT, RoBERTa, ELECTRA, MiniLM, ...): ``layer.intermediate`` (``dense`` + ``intermediate_act_fn``)
-  and ``layer.output`` (``dense``, dropout, ``LayerNorm``) used by ``feed_forward_chunk``. ``intermediate`` becomes an
-  :class:`UpcycledFFN` returning the FFN output (hidden size) and ``output.dense`` an ``nn.Identity``, so HF's own
-  forward (dropout, residual, LayerNorm) runs unchanged.
-- ALBERT layers: ``layer.ffn`` / ``layer.activation`` / ``layer.ffn_output`` used by ``ff_chunk``. ``ffn`` becomes the
-  :class:`UpcycledFFN`, the other two ``nn.Identity``. A layer shared across depth is one module and is replaced once;
-  it stays shared.
+Supported layouts (BERT-style and ALBERT encoders, gated decoder MLPs of Llama / Mistral / Qwen2 / Qwen3, GPT-2's
+Conv1D MLP) are the site kinds registered in :mod:`pad_moe.models.ffn_sites`, which also says how each block is put in
+place. Before anything is replaced, each chosen FFN computed by the model's own modules is compared with the formula
+the block will compute on a probe input, so a layout that only looks like a known one is refused.
 
 FFN blocks are numbered in module order, each distinct module once (ALBERT's shared layer is block 0 however deep
 the model is); ``every=N`` replaces the blocks whose number i has ``i % N == N - 1`` (N=2: blocks 1, 3, 5, ... as in
@@ -29,8 +25,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pad_moe.models.ffn_sites import FFNSite, find_ffn_sites, supported_layouts
 from pad_moe.moe.ffn import get_activation
-from pad_moe.moe.layer import MODES, ffn_block_from_dense
+from pad_moe.moe.layer import MODES, ffn_block_from_dense, ffn_block_from_gated
 
 HF_ACTIVATIONS = {
     "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh",
@@ -97,60 +94,48 @@ class UpcycledFFN(nn.Module):
 
 
 # -- finding FFN blocks ----------------------------------------------------------------------------------------------
-@dataclass
-class _Site:
-    name: str
-    layer: nn.Module
-    kind: str  # "bert" | "albert"
-    fc1: nn.Linear
-    fc2: nn.Linear
-    act_fn: object
-
-
-def _is_linear(m) -> bool:
-    return isinstance(m, nn.Linear)
-
-
-def _site_of(name: str, layer: nn.Module) -> Optional[_Site]:
-    inter, out = getattr(layer, "intermediate", None), getattr(layer, "output", None)
-    if (hasattr(layer, "feed_forward_chunk") and _is_linear(getattr(inter, "dense", None))
-            and hasattr(inter, "intermediate_act_fn") and _is_linear(getattr(out, "dense", None))
-            and hasattr(out, "LayerNorm")):
-        return _Site(name, layer, "bert", inter.dense, out.dense, inter.intermediate_act_fn)
-    if (hasattr(layer, "ff_chunk") and _is_linear(getattr(layer, "ffn", None))
-            and _is_linear(getattr(layer, "ffn_output", None)) and callable(getattr(layer, "activation", None))):
-        return _Site(name, layer, "albert", layer.ffn, layer.ffn_output, layer.activation)
-    return None
-
-
-def find_ffn_sites(model: nn.Module) -> list[_Site]:
-    """The dense FFN blocks of ``model`` in module order, each distinct module once."""
-    sites = []
-    for name, module in model.named_modules():  # named_modules yields a shared module once
-        site = _site_of(name, module)
-        if site is not None:
-            sites.append(site)
-    return sites
-
-
 def upcycled_ffns(model: nn.Module) -> dict[str, UpcycledFFN]:
     """{qualified name: UpcycledFFN} of an upcycled model, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, UpcycledFFN)}
 
 
-def _activation_name(model: nn.Module, site: _Site) -> str:
-    hidden_act = getattr(getattr(model, "config", None), "hidden_act", None)
+def _activation_name(model: nn.Module, site: FFNSite) -> str:
+    key = site.kind.act_config
+    hidden_act = getattr(getattr(model, "config", None), key, None)
     if not isinstance(hidden_act, str) or hidden_act not in HF_ACTIVATIONS:
-        raise ValueError(f"activation hidden_act={hidden_act!r} of {type(model).__name__} is not supported; "
+        raise ValueError(f"activation {key}={hidden_act!r} of {type(model).__name__} is not supported; "
                          f"supported: {', '.join(HF_ACTIVATIONS)}")
     ours = HF_ACTIVATIONS[hidden_act]
     x = torch.linspace(-6, 6, 241)
     with torch.no_grad():
         theirs = site.act_fn(x)
     if not torch.allclose(theirs, get_activation(ours)(x), atol=1e-5, rtol=0):
-        raise ValueError(f"the FFN activation of {site.name!r} does not compute {hidden_act!r} as config.hidden_act "
+        raise ValueError(f"the FFN activation of {site.name!r} does not compute {hidden_act!r} as config.{key} "
                          "says; this model's activation is not supported")
     return ours
+
+
+def _check_formula(site: FFNSite, activation: str) -> None:
+    """The site's FFN, computed by the model's own modules, equals what the upcycled block will compute."""
+    w = site.linears[0].weight
+    if w.device.type == "meta":
+        return
+    x = torch.randn(2, 3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    act = get_activation(activation)
+    with torch.no_grad():
+        theirs = site.kind.original(site.module, x)
+        if site.kind.expert_type == "glu":
+            gate, up, down = site.linears
+            ours = down(act(gate(x)) * up(x))
+        else:
+            ours = site.linears[-1](act(site.linears[0](x)))
+    tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 5e-2
+    if theirs.shape != ours.shape or not torch.allclose(theirs.float(), ours.float(), rtol=tol, atol=tol):
+        raise ValueError(f"{site.name!r} looks like a {site.kind.name} FFN but does not compute one; this layout of "
+                         f"{type(site.module).__name__} is not supported")
+
+
+_BUILDERS = {"mlp": ffn_block_from_dense, "glu": ffn_block_from_gated}
 
 
 # -- upcycling -------------------------------------------------------------------------------------------------------
@@ -174,34 +159,34 @@ def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: 
         raise ValueError(f"{type(hf_model).__name__} is already upcycled; upcycle the original model once")
     sites = find_ffn_sites(hf_model)
     if not sites:
-        raise ValueError(f"{type(hf_model).__name__} has no recognisable FFN block; supported: BERT-style encoders "
-                         "(BERT, RoBERTa, ELECTRA, MiniLM) and ALBERT")
+        raise ValueError(f"{type(hf_model).__name__} has no recognisable FFN block; supported: {supported_layouts()}")
     chosen = [(i, s) for i, s in enumerate(sites) if i % every == every - 1]
     if not chosen:
         raise ValueError(f"every={every} replaces none of the {len(sites)} FFN blocks of {type(hf_model).__name__}; "
                          f"use every <= {len(sites)}")
-    activation = _activation_name(hf_model, chosen[0][1])
+    activations = {s.name: _activation_name(hf_model, s) for _, s in chosen}
+    activation = activations[chosen[0][1].name]
+    if len(set(activations.values())) > 1:
+        raise ValueError(f"the FFN blocks of {type(hf_model).__name__} use different activations {activations}; "
+                         "upcycling needs one")
+    for _, site in chosen:
+        _check_formula(site, activation)
     block_kwargs = {"drop_tokens": False, **block_kwargs}
     seed = block_kwargs.get("seed", 0)
     blocks = []  # build every block before touching the model, so a bad argument leaves it unchanged
     for index, site in chosen:
-        block = ffn_block_from_dense(mode, site.fc1, site.fc2, num_experts=num_experts, k=k, ep_size=ep_size,
-                                     ep_rank=ep_rank, activation=activation, **block_kwargs)
+        build = _BUILDERS[site.kind.expert_type]
+        block = build(mode, *site.linears, num_experts=num_experts, k=k, ep_size=ep_size, ep_rank=ep_rank,
+                      activation=activation, **block_kwargs)
         if mode != "static":  # router init independent of the global RNG: same model at any rank and ep_size
             gate = block.gate_weight  # (num_experts, hidden)
             bound = gate.shape[1] ** -0.5
             with torch.no_grad():
                 gate.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed * 1_000_003 + 31 * index))
-        blocks.append(block.to(device=site.fc1.weight.device, dtype=site.fc1.weight.dtype))  # masks stay bool
+        weight = site.linears[0].weight
+        blocks.append(block.to(device=weight.device, dtype=weight.dtype))  # masks stay bool
     for (index, site), block in zip(chosen, blocks, strict=True):
-        wrapper = UpcycledFFN(block, index)
-        if site.kind == "bert":
-            site.layer.intermediate = wrapper
-            site.layer.output.dense = nn.Identity()
-        else:
-            site.layer.ffn = wrapper
-            site.layer.activation = nn.Identity()
-            site.layer.ffn_output = nn.Identity()
+        site.kind.install(hf_model, site.module, UpcycledFFN(block, index))
     hf_model.pad_moe_upcycle = UpcycleInfo(mode, num_experts, k, every, ep_size, ep_rank, dict(block_kwargs),
                                            activation, list(upcycled_ffns(hf_model)))
     hf_model.register_forward_pre_hook(_reset_stats_hook)
