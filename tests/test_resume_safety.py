@@ -84,6 +84,7 @@ def test_resume_from_before_the_warmup_partition_partitions_and_is_exact(referen
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # the finished-run and after-partition resumes are also covered on one rank (test_resume_variants)
 def test_resume_after_the_partition_is_exact_and_a_finished_run_is_left_alone(reference):
     out, ref = reference
     run = out / "post"
@@ -122,7 +123,7 @@ def test_a_planted_pickle_that_would_run_code_is_refused(reference, tmp_path):
 
 # A crash at each stage of the save at step 6 (stage x rank; manifest and latest are rank 0's): the resume either falls
 # back to step 3 or uses step 6, and in both cases ends exactly where the uninterrupted run did.
-CELLS = [("engine", 1, "step3"), ("manifest", 0, "step6"),
+CELLS = [("engine", 1, "step3"), pytest.param("manifest", 0, "step6", marks=pytest.mark.slow),
          pytest.param("engine", 0, "step3", marks=pytest.mark.slow),
          pytest.param("rng", 0, "step3", marks=pytest.mark.slow),
          pytest.param("rng", 1, "step3", marks=pytest.mark.slow),

@@ -52,6 +52,10 @@ def test_a_compacted_run_resumes_exactly_then_grows_and_a_lost_summary_is_rebuil
     train(tmp_path, "run", *extra, "--resume")
     same(run, ref)
     assert os.path.getmtime(final) == stamp  # the final checkpoint is not written again
+    before = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(run) for f in fs}
+    again = train(tmp_path, "run", *extra, "--resume")  # finished, summary intact: nothing is touched
+    assert "already finished at step 6" in again.stderr
+    assert before == {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(run) for f in fs}
 
     grown = train(tmp_path, "run", *extra, "train.steps=8", "--resume")
     assert "train.steps 6 -> 8" in grown.stderr

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from test_train_launch import ROOT, launch, padmoe
+from test_train_launch import ROOT, launch
 
 FIXTURES = f"{ROOT}/tests/fixtures/data"
 
@@ -81,15 +81,15 @@ def test_hf_resume_reproduces_the_losses(hf_run):
     assert resumed["losses"] == pytest.approx(hf_run["summary"]["losses"], rel=1e-5, abs=1e-6)  # from step 1
 
 
-def test_hf_bad_inputs_exit_2(tmp_path):
-    base = ["train", "configs/minilm_vader.yaml", f"output_dir={tmp_path}", "moe.ep_size=1"]
-    missing = padmoe([*base,
-                      "data.data_files={train: /nonexistent.tsv, validation: /nonexistent.tsv}", "data.task=sst2"])
-    assert missing.returncode == 2 and "/nonexistent.tsv" in missing.stderr
-    unknown = padmoe([*base, "data.task=sst3"])
-    assert unknown.returncode == 2 and "sst3" in unknown.stderr
-    bad_len = padmoe([*base, "data.max_length=0"])
-    assert bad_len.returncode == 2 and "data.max_length=0" in bad_len.stderr
-    no_model = padmoe([*base, f"model.path={tmp_path}"])
-    assert no_model.returncode == 2 and "config.json" in no_model.stderr
+def test_hf_bad_inputs_exit_2(tmp_path, capsys):
+    from pad_moe.cli import main
+
+    base = ["train", f"{ROOT}/configs/minilm_vader.yaml", f"output_dir={tmp_path}", "moe.ep_size=1"]
+    cases = [(["data.data_files={train: /nonexistent.tsv, validation: /nonexistent.tsv}", "data.task=sst2"],
+              "/nonexistent.tsv"), (["data.task=sst3"], "sst3"), (["data.max_length=0"], "data.max_length=0"),
+             ([f"model.path={tmp_path}"], "config.json")]
+    for extra, needle in cases:  # in-process: each is refused before any engine or file exists
+        assert main([*base, *extra]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0], (extra, lines)
     assert not any(tmp_path.iterdir())  # nothing was written for a refused run
