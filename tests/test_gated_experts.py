@@ -9,6 +9,7 @@ from torch import nn
 from pad_moe import DenseFFNBlock, MoEFFN, PadMoE, build_ffn_block, ffn_block_from_gated
 from pad_moe.moe.ffn import get_activation
 from pad_moe.partition import dynamic_count, iterative_mode_partition
+from pad_moe.testing.layers import perturb_experts_, random_masks
 
 H, F, E = 12, 24, 4
 ROUTING = dict(num_experts=E, k=2, min_capacity=0, drop_tokens=False, second_expert_sampling=False)
@@ -23,19 +24,6 @@ def gated_mlp(bias=False, seed=0):
 
 def dense_gated(x, gate, up, down, activation):
     return down(get_activation(activation)(gate(x)) * up(x))
-
-
-def random_masks(layer, p=0.5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(v.shape, generator=g) < p for k, v in layer.masks().items()}
-
-
-def perturb_experts_(layer, scale=0.2, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for expert in layer.local_experts:
-            for p in expert.parameters():
-                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def x_input(seed=3):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from pad_moe import MoEFFN, PadMoE, build_ffn_block, ffn_block_from_dense
+from pad_moe.testing.layers import perturb_experts_, random_masks
 
 H, F, E = 12, 24, 4
 ROUTING = dict(num_experts=E, k=2, min_capacity=0, drop_tokens=False, second_expert_sampling=False)
@@ -13,19 +14,6 @@ ROUTING = dict(num_experts=E, k=2, min_capacity=0, drop_tokens=False, second_exp
 def dense_pair(seed=0):
     torch.manual_seed(seed)
     return nn.Linear(H, F), nn.Linear(F, H)
-
-
-def random_masks(layer, p=0.5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.rand(v.shape, generator=g) < p for k, v in layer.masks().items()}
-
-
-def perturb_experts_(layer, scale=0.2, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for expert in layer.local_experts:
-            for p in expert.parameters():
-                p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def x_input(seed=3):

@@ -61,13 +61,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _no_sampling(model: nn.Module) -> None:
-    """Deterministic routing in a training-form model: no Gumbel sampling of the second expert."""
-    for m in model.modules():
-        if hasattr(m, "top2_2nd_expert_sampling"):
-            m.top2_2nd_expert_sampling = False
-
-
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(parameters, bytes) of a model's state: floating tensors are parameters; masks count as stored bytes."""
     params = nbytes = 0
@@ -223,7 +216,6 @@ def _verify_batch(job, n: int = 8):
 
 
 def _logits(job, model: nn.Module, batch) -> torch.Tensor:
-    _no_sampling(model)
     with torch.no_grad():
         out = job.forward(model, batch)
     out = out[0] if isinstance(out, (tuple, list)) else out

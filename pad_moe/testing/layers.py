@@ -1,0 +1,20 @@
+"""Helpers shared by the layer tests: random partition masks and experts moved away from their upcycled copy."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_masks(layer, p: float = 0.5, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A bool mask per mask name of ``layer``, each entry dynamic with probability ``p``."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(v.shape, generator=g) < p for k, v in layer.masks().items()}
+
+
+def perturb_experts_(layer, scale: float = 0.2, seed: int = 2) -> None:
+    """Add seeded noise to every local expert's parameters (upcycled experts equal the static weight)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for expert in layer.local_experts:
+            for p in expert.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
