@@ -189,11 +189,18 @@ class ModelConfig:
     """Dropout probability in the toy encoder."""
     pooling: str = "cls"
     """hf: cls (the model's own [CLS] pooler and head) | mean (mean of token states; sentence encoders)."""
+    freeze_embeddings: bool = False
+    """hf: keep the word-embedding table fixed (it is most of a small encoder's parameters, and on CPU its dense
+    gradient, all-reduce and Adam update cost more than the two-layer body; it still counts as stored)."""
 
     def __post_init__(self):
         o = "model"
         _choice(o, "arch", self.arch, ("toy", "hf", "switch", "vision"))
         _choice(o, "pooling", self.pooling, ("cls", "mean"))
+        if not isinstance(self.freeze_embeddings, bool):
+            raise ValueError(f"model.freeze_embeddings={self.freeze_embeddings!r} is not a boolean; use true or false")
+        if self.freeze_embeddings and self.arch != "hf":
+            raise ValueError(f"model.freeze_embeddings=true is for model.arch=hf (got arch={self.arch}); drop it")
         for name in HF_SIZES:
             if getattr(self, name) is not None:
                 _at_least(o, name, getattr(self, name), 1)

@@ -195,3 +195,20 @@ def test_command_line_installs_and_reports(tmp_path, installed_cache, capsys):
     sdist = make_sdist(tmp_path / "other.tar.gz")
     assert vader.main(["--cache-dir", str(tmp_path / "fresh"), "--archive", sdist]) == 2  # not the real archive
     assert "sha256 differs" in capsys.readouterr().err
+
+
+def test_pooled_multi_domain_task_is_the_union_with_per_corpus_dev_splits(installed_cache):
+    """vader-all trains on all four corpora and evaluates on the pooled split and on each corpus's own, which are
+    exactly the single-corpus tasks' validation splits."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    pooled = vader.load_vader_splits(task_info("vader-all"), installed_cache)
+    assert set(pooled) == {"train", "validation", *vader.DOMAIN_SPLITS}
+    total = {"train": 0, "validation": 0}
+    for corpus in vader.CORPUS_FILES:
+        single = vader.load_vader_splits(task_info(f"vader-{corpus}"), installed_cache)
+        assert pooled[f"validation-{corpus}"]["sentence"] == single["validation"]["sentence"]
+        for split in total:
+            total[split] += len(single[split])
+    assert {s: len(pooled[s]) for s in total} == total
+    train, evals, info = load_task("vader-all-reg", tokenizer, cache_dir=installed_cache)
+    assert list(evals) == ["validation", *vader.DOMAIN_SPLITS] and info.metric == "pearson_spearman"

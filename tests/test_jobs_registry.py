@@ -52,3 +52,15 @@ def test_importing_the_trainer_imports_no_track():
 
     loop_modules = _imported_after("import pad_moe.train.loop")  # the config brings VisionConfig, not the job
     assert not set(JOB_MODULES) & set(loop_modules), loop_modules
+
+
+def test_freeze_embeddings_fixes_the_word_embeddings_only_and_only_for_hf():
+    overrides = ["moe.mode=static", "moe.ep_size=1", "data.max_train=4", "data.max_eval=4"]
+    job = build_job(load_config("configs/minilm_vader.yaml", overrides), 0)
+    frozen = [n for n, p in job.model.named_parameters() if not p.requires_grad]
+    assert any(n.endswith("word_embeddings.weight") for n in frozen)
+    assert not [n for n in frozen if "word_embeddings" not in n and "pooler" not in n]
+    job = build_job(load_config("configs/minilm_vader.yaml", [*overrides, "model.freeze_embeddings=false"]), 0)
+    assert all(p.requires_grad for n, p in job.model.named_parameters() if "pooler" not in n)
+    with pytest.raises(ValueError, match="model.freeze_embeddings=true is for model.arch=hf"):
+        load_config("configs/debug.yaml", ["model.freeze_embeddings=true"])

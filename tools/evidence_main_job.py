@@ -1,13 +1,24 @@
 #!/usr/bin/env python
-"""The main job's evidence grid: static / MoE / PAD (κ sweep) × seeds × VADER tasks, each cell a real ``padmoe train``
-run under the deepspeed launcher (pad_moe.train.compare.run_mode), then mean ± std per (task, mode, κ) as Markdown.
+"""The main job's evidence: studies of static / MoE / PAD on the VADER tasks, each cell a real ``padmoe train`` run
+under the deepspeed launcher (pad_moe.train.compare.run_mode) at the main job's model and recipe
+(configs/minilm_vader.yaml) with one full epoch of the full training split and the full dev set.
 
-    python tools/evidence_main_job.py --out runs/evidence --seeds 0 1 2 --kappas 0.7 0.5 0.3 0.1 \
-        --tasks vader-movies vader-movies-reg [key=value ...]
+    python tools/evidence_main_job.py --study main [--study kappa ...] [--out runs/evidence-epoch] [key=value ...]
+    python tools/evidence_main_job.py --report [--out runs/evidence-epoch]        # tables of the finished cells
 
-Resumable: a cell whose summary.json exists is not re-run. Checkpoints are deleted after each cell (the grid would
-otherwise keep ~0.4 GB per cell); summaries, TensorBoard logs and the resolved config stay. ``--sweep-task`` limits
-the κ sweep to one task (the other task gets static / moe / PAD at ``--main-kappa`` only).
+Studies (issue 14, in priority order):
+  main     static / moe / pad κ=0.5, seeds 0-4, vader-movies and vader-movies-reg
+  kappa    pad κ 0.7 / 0.5 / 0.3 / 0.1, seeds 0-2, vader-movies
+  domains  static / moe / pad κ=0.5 on the four corpora pooled (vader-all), seeds 0-2, per-domain dev metrics
+  methods  partition random / one-shot (IMP with T=1) / IMP, MoE-P, at κ=0.5, seeds 0-2, vader-movies
+  scale    scale factors none / static / dynamic / both / unconstrained at κ=0.5, seeds 0-2, vader-movies
+  full6    main on the full 6-layer MiniLM (model.preset=minilm), seeds 0-2, vader-movies
+
+Cells are shared between studies (the κ=0.5 IMP cell of ``kappa`` is the one of ``main``). Resumable: a cell whose
+summary.json exists is not re-run, a cell interrupted half way starts again; every finished cell is appended to
+``cells.jsonl`` with its wall time. The same seed gives every mode the same data order and head initialisation, so
+differences are paired: ``--report`` prints mean ± std per variant and the paired differences with 95 % t intervals.
+Checkpoints are deleted after each cell (~0.4 GB each); summaries, TensorBoard logs and resolved configs stay.
 """
 
 from __future__ import annotations
@@ -15,98 +26,184 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
+import time
+from dataclasses import dataclass, field
 
 from pad_moe.train.compare import REPO_ROOT, run_mode
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "minilm_vader.yaml")
+ONE_EPOCH = ["train.steps=0", "train.epochs=1", "data.max_train=null", "data.max_eval=null"]
+MOVIES, REGRESSION, POOLED = "vader-movies", "vader-movies-reg", "vader-all"
 
 
-def cells(tasks, seeds, kappas, main_kappa, sweep_task):
-    for task in tasks:
-        pads = kappas if sweep_task in (None, task) else [main_kappa]
-        for seed in seeds:
-            yield task, "static", None, seed
-            yield task, "moe", None, seed
-            for kappa in pads:
-                yield task, "pad", kappa, seed
+@dataclass(frozen=True)
+class Variant:
+    """One model variant of a study: a name for the tables, the mode, and its config overrides."""
+
+    name: str
+    mode: str
+    overrides: tuple[str, ...] = field(default=())
 
 
-def run_cell(out: str, task: str, mode: str, kappa, seed: int, ranks: int, overrides: list[str]) -> dict:
-    tag = f"{task}-{mode}" + (f"-k{kappa:g}" if kappa is not None else "") + f"-s{seed}"
-    run_dir = os.path.join(out, tag)
-    path = os.path.join(run_dir, "summary.json")
+STATIC, MOE = Variant("static", "static"), Variant("moe", "moe")
+
+
+def pad(kappa: float, tag: str = "", *overrides: str) -> Variant:
+    return Variant(f"pad{tag}-k{kappa:g}", "pad", (f"partition.kappa={kappa}", *overrides))
+
+
+PAD = pad(0.5)
+STUDIES: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[Variant, ...], tuple[str, ...]]] = {
+    # name: (tasks, seeds, variants, extra overrides)
+    "main": ((MOVIES, REGRESSION), (0, 1, 2, 3, 4), (STATIC, MOE, PAD), ()),
+    "kappa": ((MOVIES,), (0, 1, 2), (pad(0.7), PAD, pad(0.3), pad(0.1)), ()),
+    "domains": ((POOLED,), (0, 1, 2), (STATIC, MOE, PAD), ()),
+    "methods": ((MOVIES,), (0, 1, 2), (pad(0.5, "-random", "partition.method=random"),
+                                        pad(0.5, "-oneshot", "partition.iterations=1"), PAD,
+                                        pad(0.5, "-moe_p", "partition.method=moe_p")), ()),
+    "scale": ((MOVIES,), (0, 1, 2), tuple(pad(0.5, f"-scale_{m}", f"moe.scale_mode={m}")
+                                          for m in ("none", "static", "dynamic", "both", "unconstrained")), ()),
+    "full6": ((MOVIES,), (0, 1, 2), (STATIC, MOE, PAD), ("model.preset=minilm",)),
+}
+PAIRS = (("pad-k0.5", "moe"), ("pad-k0.5", "static"), ("moe", "static"))
+TAG = re.compile(r"(?P<study>full6-)?(?P<task>vader-[a-z]+(?:-reg)?)-(?P<variant>.+)-s(?P<seed>\d+)")
+
+
+def cells(studies: list[str]):
+    """(tag, task, variant, seed, extra overrides) of every cell of ``studies``, each cell once, seed-major so that
+    an interrupted grid leaves complete seeds (every variant of a seed) behind."""
+    seen = set()
+    for study in studies:
+        tasks, seeds, variants, extra = STUDIES[study]
+        prefix = "full6-" if study == "full6" else ""
+        for task in tasks:
+            for seed in seeds:
+                for variant in variants:
+                    tag = f"{prefix}{task}-{variant.name}-s{seed}"
+                    if tag not in seen:
+                        seen.add(tag)
+                        yield tag, task, variant, seed, extra
+
+
+def run_cell(out: str, tag: str, task: str, variant: Variant, seed: int, extra, ranks: int,
+             overrides: list[str]) -> dict:
+    path = os.path.join(out, tag, "summary.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    args = [*overrides, f"output_dir={out}", f"data.task={task}", f"train.seed={seed}", f"partition.seed={seed}"]
-    if kappa is not None:
-        args.append(f"partition.kappa={kappa}")
-    summary = run_mode(CONFIG, mode, tag, ranks, args)
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
+    shutil.rmtree(os.path.join(out, tag), ignore_errors=True)  # a cell killed half way starts again
+    args = [*ONE_EPOCH, *extra, *variant.overrides, *overrides, f"output_dir={out}", f"data.task={task}",
+            f"train.seed={seed}", f"partition.seed={seed}"]
+    t0 = time.time()
+    summary = run_mode(CONFIG, variant.mode, tag, ranks, args)
+    shutil.rmtree(os.path.join(out, tag, "checkpoints"), ignore_errors=True)
+    with open(os.path.join(out, "cells.jsonl"), "a") as f:
+        f.write(json.dumps({"tag": tag, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                            "command_s": round(time.time() - t0, 1), "train_s": round(summary["wall_time_s"], 1),
+                            "args": args}) + "\n")
     return summary
 
 
-def aggregate(results: list[tuple[str, str, float | None, int, dict]]) -> str:
-    groups: dict[tuple, list[dict]] = {}
-    for task, mode, kappa, _seed, summary in results:
-        groups.setdefault((task, mode, kappa), []).append(summary)
-    lines = ["| task | mode | κ | seeds | params (training) | params (compact) | dev metric (mean ± std) | per seed | "
-             "wall (mean) |", "|---|---|---|---|---|---|---|---|---|"]
-    for (task, mode, kappa), runs in groups.items():
-        metric = runs[0]["main_metric"]
-        values = [next(iter(r["eval"].values()))[metric] for r in runs]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        lines.append(f"| {task} | {mode} | {'' if kappa is None else f'{kappa:g}'} | {len(runs)} | "
-                     f"{runs[0]['params_training'] / 1e6:.2f}M | {runs[0]['params_compact'] / 1e6:.2f}M | "
-                     f"{metric} {statistics.mean(values):.4f} ± {std:.4f} | "
-                     f"{' '.join(f'{v:.4f}' for v in values)} | "
-                     f"{statistics.mean(r['wall_time_s'] for r in runs):.0f}s |")
-    return "\n".join(lines)
+# -- report -------------------------------------------------------------------------------------------------------
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the two-sided Student-t confidence interval of the mean (n ≥ 2)."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean, mean - half, mean + half
 
 
-def collect(out: str) -> list[tuple[str, str, float | None, int, dict]]:
-    """Every finished cell under ``out`` (run directories named by run_cell)."""
-    import re
-
-    results = []
-    for name in sorted(os.listdir(out)):
-        m = re.fullmatch(r"(.+)-(static|moe|pad)(?:-k([0-9.]+))?-s(\d+)", name)
+def collect(out: str) -> dict[tuple[str, str], dict[int, dict]]:
+    """{(study-prefixed task, variant): {seed: summary}} of every finished cell under ``out``."""
+    found: dict[tuple[str, str], dict[int, dict]] = {}
+    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        m = TAG.fullmatch(name)
         path = os.path.join(out, name, "summary.json")
         if m and os.path.exists(path):
             with open(path) as f:
-                summary = json.load(f)
-            results.append((m[1], m[2], float(m[3]) if m[3] else None, int(m[4]), summary))
-    order = {"static": 0, "moe": 1, "pad": 2}
-    return sorted(results, key=lambda r: (r[0], order[r[1]], -(r[2] or 0), r[3]))
+                task = (m["study"] or "") + m["task"]
+                found.setdefault((task, m["variant"]), {})[int(m["seed"])] = json.load(f)
+    return found
+
+
+def _metric(summary: dict, split: str | None = None) -> float:
+    evals = summary["eval"]
+    return evals[split or next(iter(evals))][summary["main_metric"]]
+
+
+def _variant_order(name: str) -> tuple:
+    base = {"static": 0, "moe": 1}.get(name)
+    if base is not None:
+        return (base, 0.0, "")
+    kappa = float(name.rsplit("-k", 1)[1])
+    return (2, -kappa, name)
+
+
+def report(out: str) -> str:
+    found = collect(out)
+    lines = ["| task | variant | seeds | params (training) | params (stored) | dev metric mean ± std | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for task, variant in sorted(found, key=lambda k: (k[0], _variant_order(k[1]))):
+        runs = found[task, variant]
+        values = [_metric(runs[s]) for s in sorted(runs)]
+        first = runs[min(runs)]
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        lines.append(f"| {task} | {variant} | {len(values)} | {first['params_training'] / 1e6:.2f}M | "
+                     f"{first['params_compact'] / 1e6:.2f}M | {first['main_metric']} {statistics.mean(values):.4f} "
+                     f"± {std:.4f} | {' '.join(f'{v:.4f}' for v in values)} |")
+    lines += ["", "Paired differences (same seed: same data order and head initialisation), 95 % t interval:", "",
+              "| task | difference | seeds | mean | 95 % CI | per seed |", "|---|---|---|---|---|---|"]
+    for task in sorted({t for t, _ in found}):
+        for a, b in PAIRS:
+            if (task, a) not in found or (task, b) not in found:
+                continue
+            seeds = sorted(set(found[task, a]) & set(found[task, b]))
+            diffs = [_metric(found[task, a][s]) - _metric(found[task, b][s]) for s in seeds]
+            if len(diffs) < 2:
+                continue
+            mean, low, high = t_interval(diffs)
+            lines.append(f"| {task} | {a} − {b} | {len(diffs)} | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] | "
+                         f"{' '.join(f'{d:+.4f}' for d in diffs)} |")
+    domain_lines = _domain_table(found)
+    return "\n".join(lines + domain_lines)
+
+
+def _domain_table(found) -> list[str]:
+    rows = [(t, v) for t, v in found if t == POOLED]
+    if not rows:
+        return []
+    splits = [s for s in next(iter(found[rows[0]].values()))["eval"] if s != "validation"]
+    lines = ["", f"Per-domain dev metric on {POOLED} (mean over seeds):", "",
+             "| variant | seeds | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+    for _, variant in sorted(rows, key=lambda k: _variant_order(k[1])):
+        runs = found[POOLED, variant]
+        means = [statistics.mean(_metric(r, s) for r in runs.values()) for s in splits]
+        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    return lines
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/minilm_vader.yaml")
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "evidence"))
-    p.add_argument("--tasks", nargs="+", default=["vader-movies", "vader-movies-reg"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--kappas", nargs="+", type=float, default=[0.7, 0.5, 0.3, 0.1])
-    p.add_argument("--main-kappa", type=float, default=0.5)
-    p.add_argument("--sweep-task", default=None, help="run the κ sweep on this task only")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/minilm_vader.yaml (for every cell)")
+    p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "evidence-epoch"))
+    p.add_argument("--study", action="append", choices=list(STUDIES), help="repeatable; default: main")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--report", action="store_true", help="only aggregate the finished cells under --out")
+    p.add_argument("--report", action="store_true", help="only tabulate the finished cells under --out")
     args = p.parse_args(argv)
     if args.report:
-        print(aggregate(collect(args.out)))
+        print(report(args.out))
         return 0
     os.makedirs(args.out, exist_ok=True)
-    results = []
-    for task, mode, kappa, seed in cells(args.tasks, args.seeds, args.kappas, args.main_kappa, args.sweep_task):
-        summary = run_cell(args.out, task, mode, kappa, seed, args.ranks, args.overrides)
-        results.append((task, mode, kappa, seed, summary))
-        report = aggregate(results)
+    for tag, task, variant, seed, extra in cells(args.study or ["main"]):
+        run_cell(args.out, tag, task, variant, seed, extra, args.ranks, args.overrides)
         with open(os.path.join(args.out, "evidence.md"), "w") as f:
-            f.write(f"overrides: {' '.join(args.overrides)}\n\n{report}\n")
-    print(report)
+            f.write(report(args.out) + "\n")
+    print(report(args.out))
     return 0
 
 

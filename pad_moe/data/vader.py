@@ -7,7 +7,9 @@ pad_moe downloads the archive once with pip and keeps the corpus files in ``<cac
 
 Tasks, per corpus (movies, tweets, nyt, amazon): ``vader-<corpus>`` is binary (label = score > 0; sentences whose mean
 score is exactly 0 are dropped, 37 of the 10,605 movie sentences) and ``vader-<corpus>-reg`` is regression on the
-score. Split: a sentence is in ``validation`` when blake2b-64(its UTF-8 text) mod 1000 < 100 (about 10 %), else in
+score. ``vader-all`` / ``vader-all-reg`` pool the four corpora (multi-domain): training on all of them, evaluation on
+the pooled ``validation`` split and on each corpus's own (``validation-movies``, ..., the same sentences as the
+single-corpus tasks' validation splits). Split: a sentence is in ``validation`` when blake2b-64(its UTF-8 text) mod 1000 < 100 (about 10 %), else in
 ``train``; hashing the text (not the id) keeps duplicated sentences on one side of the split.
 
     python -m pad_moe.data [--cache-dir DIR] [--archive vaderSentiment-3.3.2.tar.gz]   # fetch / install now
@@ -59,6 +61,11 @@ class CorpusUnavailableError(ValueError):
     """The VADER corpus is not cached and could not be fetched."""
 
 
+POOLED = "all"
+"""The corpus name of the multi-domain tasks (all four corpora pooled)."""
+DOMAIN_SPLITS = tuple(f"validation-{c}" for c in CORPUS_FILES)
+
+
 def _task_pairs() -> dict[str, TaskInfo]:
     tasks = {}
     for corpus, what in _CORPUS_DESCRIPTIONS.items():
@@ -68,6 +75,13 @@ def _task_pairs() -> dict[str, TaskInfo]:
         tasks[f"vader-{corpus}-reg"] = TaskInfo(
             f"vader-{corpus}-reg", ("sentence",), 1, "pearson_spearman", source="vader",
             description=f"VADER {what}: mean human sentiment -4..+4 (regression, STS-B-like)")
+    pooled = ("validation", *DOMAIN_SPLITS)
+    tasks[f"vader-{POOLED}"] = TaskInfo(
+        f"vader-{POOLED}", ("sentence",), 2, "accuracy", eval_splits=pooled, label_names=("negative", "positive"),
+        source="vader", description="VADER, the four corpora pooled (multi-domain), binary; per-corpus dev splits")
+    tasks[f"vader-{POOLED}-reg"] = TaskInfo(
+        f"vader-{POOLED}-reg", ("sentence",), 1, "pearson_spearman", eval_splits=pooled, source="vader",
+        description="VADER, the four corpora pooled (multi-domain), regression; per-corpus dev splits")
     return tasks
 
 
@@ -219,10 +233,18 @@ def build_splits(rows: list[tuple[str, float, str]], regression: bool) -> dict[s
 def load_vader_splits(info: TaskInfo, cache_dir: str | os.PathLike | None = None) -> dict[str, Dataset]:
     """The task's train and validation Datasets from the cached corpus (fetched on first use)."""
     corpus = info.name.removeprefix("vader-").removesuffix("-reg")
-    if info.source != "vader" or corpus not in CORPUS_FILES:
+    if info.source != "vader" or corpus not in (*CORPUS_FILES, POOLED):
         raise ValueError(f"{info.name!r} is not a VADER task; allowed: {', '.join(VADER_TASKS)}")
-    rows = read_ground_truth(os.path.join(ensure_corpus(cache_dir), CORPUS_SUBDIR, CORPUS_FILES[corpus]))
-    return build_splits(rows, regression=info.is_regression)
+    root = os.path.join(ensure_corpus(cache_dir), CORPUS_SUBDIR)
+    if corpus != POOLED:
+        return build_splits(read_ground_truth(os.path.join(root, CORPUS_FILES[corpus])), info.is_regression)
+    from datasets import concatenate_datasets
+
+    per_corpus = {c: build_splits(read_ground_truth(os.path.join(root, f)), info.is_regression)
+                  for c, f in CORPUS_FILES.items()}
+    splits = {s: concatenate_datasets([per_corpus[c][s] for c in CORPUS_FILES]) for s in ("train", "validation")}
+    splits.update({f"validation-{c}": per_corpus[c]["validation"] for c in CORPUS_FILES})
+    return splits
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
     python -m pad_moe.train.compare CONFIG [--modes static moe pad] [--ranks 2] [key=value ...]
 
 Each mode is a separate run ``RUN_DIR = output_dir/<name>-<mode>`` (TensorBoard logs, PNG dashboards in plots/), so the
-runs are exactly what ``padmoe train`` produces; the table reads their summary.json files.
+runs are exactly what ``padmoe train`` produces; the table reads their summary.json files and
+``output_dir/<name>-comparison.png`` shows the dev metric and the stored parameters per mode.
 """
 
 from __future__ import annotations
@@ -44,11 +45,53 @@ def run_mode(config: str, mode: str, name: str, ranks: int, overrides: list[str]
     return summary
 
 
+EVIDENCE = "docs/results.md (tools/evidence_main_job.py: 5 seeds, paired differences with 95 % CIs)"
+"""Where the many-seed answer to "does PAD beat MoE and static?" is; one comparison run is a single seed."""
+
+
+def dev_metric(summary: dict) -> tuple[str, float]:
+    """(metric name, value) on the first evaluation split, the one the tables compare."""
+    metrics = next(iter(summary["eval"].values()))
+    return summary["main_metric"], metrics[summary["main_metric"]]
+
+
+def plot_comparison(summaries: list[dict], path: str) -> str:
+    """One PNG: the dev metric per mode (left) and parameters per mode, stored (compact) and while training (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [s["mode"] for s in summaries]
+    metric = dev_metric(summaries[0])[0]
+    values = [dev_metric(s)[1] for s in summaries]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    bars = left.bar(modes, values, color=["#7f7f7f", "#1f77b4", "#d62728"][: len(modes)])
+    left.bar_label(bars, fmt="%.4f")
+    low = min(values)
+    left.set_ylim(max(0.0, low - 0.1), min(1.0, max(values) + 0.05) if max(values) <= 1 else max(values) * 1.05)
+    left.set_title(f"dev {metric} (seed {summaries[0].get('seed', '?')})")
+    x = range(len(modes))
+    stored = [s["params_compact"] / 1e6 for s in summaries]
+    training = [s["params_training"] / 1e6 for s in summaries]
+    right.bar([i - 0.2 for i in x], training, width=0.4, label="while training", color="#c7c7c7")
+    bars = right.bar([i + 0.2 for i in x], stored, width=0.4, label="stored (compact)", color="#2ca02c")
+    right.bar_label(bars, fmt="%.1fM")
+    right.set_xticks(list(x), modes)
+    right.set_ylabel("parameters (M)")
+    right.set_title("parameters")
+    right.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def table(summaries: list[dict]) -> str:
     rows = [("mode", "params (training)", "params (compact)", "dev metric", "wall time", "run dir")]
     for s in summaries:
-        split, metrics = next(iter(s["eval"].items()))
-        metric = f"{s['main_metric']}={metrics[s['main_metric']]:.4f}"
+        name, value = dev_metric(s)
+        metric = f"{name}={value:.4f}"
         rows.append((s["mode"], _fmt_params(s["params_training"]), _fmt_params(s["params_compact"]), metric,
                      f"{s['wall_time_s']:.0f}s", s["run_dir"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -77,7 +120,10 @@ def main(argv=None) -> int:
     out = os.path.join(base.output_dir, f"{prefix}-comparison.json")
     with open(out, "w") as f:
         json.dump(summaries, f, indent=1)
-    print(f"\n(summaries: {out}; TensorBoard: tensorboard --logdir {base.output_dir})")
+    png = plot_comparison(summaries, os.path.join(base.output_dir, f"{prefix}-comparison.png"))
+    print(f"\n1 seed (train.seed={base.train.seed}) per mode: one run is not evidence; the answer over seeds is in "
+          f"{EVIDENCE}.")
+    print(f"(summaries: {out}; plot: {png}; TensorBoard: tensorboard --logdir {base.output_dir})")
     return 0
 
 

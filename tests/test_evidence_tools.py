@@ -1,0 +1,76 @@
+"""The main job's comparison outputs (table, PNG) and the evidence grid's cells and paired statistics."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+from scipy import stats
+
+from pad_moe.train import compare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_evidence():
+    spec = importlib.util.spec_from_file_location("evidence_main_job", os.path.join(REPO, "tools",
+                                                                                     "evidence_main_job.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def summary(mode, value, seed=0, params=(10_000_000, 8_000_000), extra_splits=None):
+    evals = {"validation": {"accuracy": value}}
+    evals.update(extra_splits or {})
+    return {"mode": mode, "eval": evals, "main_metric": "accuracy", "seed": seed, "params_training": params[0],
+            "params_compact": params[1], "wall_time_s": 1.0}
+
+
+def test_comparison_png_and_table(tmp_path):
+    runs = [summary("static", 0.75), summary("moe", 0.74, params=(32e6, 32e6)), summary("pad", 0.76)]
+    for r in runs:
+        r["run_dir"] = "x"
+    path = compare.plot_comparison(runs, str(tmp_path / "c.png"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    text = compare.table(runs)
+    assert "accuracy=0.7600" in text and "32.00M" in text
+
+
+def test_t_interval_matches_scipy():
+    evidence = load_evidence()
+    values = [0.01, -0.004, 0.02, 0.007, 0.012]
+    mean, low, high = evidence.t_interval(values)
+    ref = stats.t.interval(0.95, len(values) - 1, loc=stats.tmean(values), scale=stats.sem(values))
+    assert mean == pytest.approx(sum(values) / 5) and (low, high) == pytest.approx(ref, abs=1e-12)
+
+
+def test_cells_are_seed_major_and_shared_between_studies():
+    evidence = load_evidence()
+    tags = [c[0] for c in evidence.cells(["main", "kappa"])]
+    assert len(tags) == len(set(tags)) == 2 * 5 * 3 + 3 * 3  # the κ=0.5 cells of kappa are main's
+    assert tags[:3] == ["vader-movies-static-s0", "vader-movies-moe-s0", "vader-movies-pad-k0.5-s0"]
+    overrides = {c[0]: c[2].overrides for c in evidence.cells(["methods", "scale"])}
+    assert overrides["vader-movies-pad-oneshot-k0.5-s1"] == ("partition.kappa=0.5", "partition.iterations=1")
+    assert "moe.scale_mode=none" in overrides["vader-movies-pad-scale_none-k0.5-s0"]
+
+
+def test_report_pairs_by_seed(tmp_path):
+    evidence = load_evidence()
+    values = {"static": [0.70, 0.72, 0.71], "moe": [0.71, 0.70, 0.73], "pad-k0.5": [0.73, 0.74, 0.72]}
+    for variant, per_seed in values.items():
+        for seed, v in enumerate(per_seed):
+            os.makedirs(tmp_path / f"vader-movies-{variant}-s{seed}")
+            with open(tmp_path / f"vader-movies-{variant}-s{seed}" / "summary.json", "w") as f:
+                json.dump(summary(variant.split("-")[0], v, seed), f)
+    os.makedirs(tmp_path / "vader-movies-moe-s3")  # an unfinished cell: no summary, not counted
+    text = evidence.report(str(tmp_path))
+    diffs = [a - b for a, b in zip(values["pad-k0.5"], values["moe"])]
+    mean, low, high = evidence.t_interval(diffs)
+    assert f"| vader-movies | pad-k0.5 − moe | 3 | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] |" in text
+    assert "| vader-movies | moe | 3 |" in text
