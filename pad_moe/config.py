@@ -16,6 +16,7 @@ import yaml
 from pad_moe.checks import at_least as _at_least
 from pad_moe.checks import choice as _choice
 from pad_moe.config_tree import SECTIONS, _checked, _short, apply_overrides, from_dict, read_yaml_file, to_dict
+from pad_moe.moe.dropless import DISPATCHES
 from pad_moe.moe.ffn import ACTIVATIONS, EXPERT_TYPES, GLU_ACTIVATIONS
 from pad_moe.moe.layer import MASK_SHARING, MODES
 from pad_moe.pad.granularity import GRANULARITIES
@@ -45,6 +46,11 @@ class MoEConfig:
     """True: capacity dispatch (tokens over an expert's capacity lose that route) | False: dropless (capacity grows to
     the busiest expert; one all-reduce per forward) | null: dropless for upcycled models (model.arch=hf, so they start
     as their dense original), capacity for models built from scratch. The run's config.yaml saves it resolved."""
+    dispatch: Optional[str] = None
+    """capacity (DeepSpeed's MoE forward: capacity factor, or padding to the busiest expert when drop_tokens=false) |
+    dropless (pad_moe's: every route computed, tokens grouped by expert, grouped GEMM, variable all-to-all; needs
+    drop_tokens false or unset and no gate noise) | null: dropless when tokens are not dropped (the resolved
+    drop_tokens is false) and there is no gate noise, else capacity. Saved resolved."""
     noisy_gate_policy: Optional[str] = None
     """None, 'Jitter' or 'RSample' (DeepSpeed's gate noise)."""
     use_rts: bool = True
@@ -84,6 +90,13 @@ class MoEConfig:
                              f"{self.eval_capacity_factor} must be > 0")
         _at_least(o, "min_capacity", self.min_capacity, 0)
         _choice(o, "noisy_gate_policy", self.noisy_gate_policy, (None, "Jitter", "RSample"))
+        _choice(o, "dispatch", self.dispatch, (None, *DISPATCHES))
+        if self.dispatch == "dropless" and self.drop_tokens:
+            raise ValueError("moe.dispatch=dropless computes every route, moe.drop_tokens=true drops those over "
+                             "capacity; unset moe.drop_tokens or use moe.dispatch=capacity")
+        if self.dispatch == "dropless" and self.noisy_gate_policy is not None:
+            raise ValueError(f"moe.noisy_gate_policy={self.noisy_gate_policy} is DeepSpeed's capacity gate; use "
+                             "moe.dispatch=capacity, or no gate noise with moe.dispatch=dropless")
         _choice(o, "activation", self.activation, tuple(ACTIVATIONS))
         _choice(o, "expert_type", self.expert_type, EXPERT_TYPES)
         if self.expert_type == "glu" and self.activation not in GLU_ACTIVATIONS:
@@ -102,7 +115,16 @@ class MoEConfig:
     def resolve_drop_tokens(self, upcycled: bool) -> bool:
         """moe.drop_tokens as set, else the default of the model family: dropless (False) for an upcycled model,
         capacity dispatch (True) for one built from scratch. The only place that default is decided."""
-        return (not upcycled) if self.drop_tokens is None else self.drop_tokens
+        if self.drop_tokens is None:
+            return not upcycled and self.dispatch != "dropless"
+        return self.drop_tokens
+
+    def resolve_dispatch(self, upcycled: bool) -> str:
+        """moe.dispatch as set, else dropless when no token is dropped and the gate has no noise, else capacity."""
+        if self.dispatch is not None:
+            return self.dispatch
+        dropping = self.resolve_drop_tokens(upcycled)
+        return "capacity" if dropping or self.noisy_gate_policy is not None else "dropless"
 
 
 PARTITION_METHODS = ("imp", "random", "moe_p")
@@ -434,7 +456,8 @@ class RunConfig:
         if self.moe.expert_type != "mlp" and arch != "toy":
             raise ValueError(f"moe.expert_type={self.moe.expert_type} builds gated experts for model.arch=toy only; "
                              f"model.arch={arch} keeps its own FFN type (use moe.expert_type=mlp)")
-        self.moe.drop_tokens = self.moe.resolve_drop_tokens(upcycled=arch == "hf")  # saved resolved
+        self.moe.dispatch = self.moe.resolve_dispatch(upcycled=arch == "hf")  # both saved resolved
+        self.moe.drop_tokens = self.moe.resolve_drop_tokens(upcycled=arch == "hf")
         if self.moe.compact and self.partition.warmup_steps:
             raise ValueError(f"moe.compact=true needs the partition before training (partition.warmup_steps=0, got "
                              f"{self.partition.warmup_steps}): a compacted layer changes shape, the engine cannot")

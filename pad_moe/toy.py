@@ -20,7 +20,8 @@ def ffn_block_kwargs(moe: MoEConfig, ep_rank: int, seed: int) -> dict:
     return dict(num_experts=moe.num_experts, k=moe.k, ep_size=moe.ep_size, ep_rank=ep_rank,
                 activation=moe.activation, expert_type=moe.expert_type, capacity_factor=moe.capacity_factor,
                 eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
-                drop_tokens=moe.resolve_drop_tokens(upcycled=False), noisy_gate_policy=moe.noisy_gate_policy,
+                drop_tokens=moe.resolve_drop_tokens(upcycled=False), dispatch=moe.resolve_dispatch(upcycled=False),
+                noisy_gate_policy=moe.noisy_gate_policy,
                 use_rts=moe.use_rts,
                 second_expert_sampling=moe.second_expert_sampling, granularity=moe.granularity,
                 mask_sharing=moe.mask_sharing, scale_mode=moe.scale_mode, seed=seed)

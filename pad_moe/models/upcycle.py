@@ -35,12 +35,12 @@ HF_ACTIVATIONS = {
 }
 """config.hidden_act of Hugging Face -> pad_moe activation name (checked numerically against the layer's function)."""
 
-BLOCK_KWARGS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "noisy_gate_policy",
+BLOCK_KWARGS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens", "dispatch", "noisy_gate_policy",
                 "use_rts", "second_expert_sampling", "seed", "granularity", "mask_sharing", "scale_mode")
 """Keyword arguments ``upcycle`` passes through to the blocks (see ``pad_moe.moe.layer``)."""
 
 _UPCYCLE_FIELDS = ("mode", "num_experts", "k", "every", "capacity_factor", "eval_capacity_factor", "min_capacity",
-                   "drop_tokens", "noisy_gate_policy", "use_rts", "second_expert_sampling", "granularity",
+                   "drop_tokens", "dispatch", "noisy_gate_policy", "use_rts", "second_expert_sampling", "granularity",
                    "mask_sharing", "scale_mode")
 
 
@@ -143,7 +143,8 @@ def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: 
             ep_size: int = 1, ep_rank: int = 0, **block_kwargs) -> nn.Module:
     """Replace every ``every``-th FFN block of ``hf_model`` in place by the ``mode`` block, initialised from it.
 
-    ``block_kwargs``: any of :data:`BLOCK_KWARGS` (``drop_tokens`` defaults to False). Returns ``hf_model``.
+    ``block_kwargs``: any of :data:`BLOCK_KWARGS` (``drop_tokens`` defaults to False, ``dispatch`` to ``dropless``
+    when no token is dropped and the gate has no noise, else ``capacity``). Returns ``hf_model``.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
@@ -172,6 +173,9 @@ def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: 
     for _, site in chosen:
         _check_formula(site, activation)
     block_kwargs = {"drop_tokens": False, **block_kwargs}
+    if block_kwargs.get("dispatch") is None:
+        noisy = block_kwargs.get("noisy_gate_policy") not in (None, "None")
+        block_kwargs["dispatch"] = "capacity" if block_kwargs["drop_tokens"] or noisy else "dropless"
     seed = block_kwargs.get("seed", 0)
     blocks = []  # build every block before touching the model, so a bad argument leaves it unchanged
     for index, site in chosen:
@@ -198,8 +202,10 @@ def upcycle_from_config(hf_model: nn.Module, moe_cfg, ep_rank: int = 0) -> nn.Mo
     for every upcycled model (``MoEConfig.resolve_drop_tokens``); capacity dispatch needs ``drop_tokens=True``."""
     kwargs = {name: getattr(moe_cfg, name) for name in _UPCYCLE_FIELDS}
     kwargs["drop_tokens"] = moe_cfg.resolve_drop_tokens(upcycled=True)
+    kwargs["dispatch"] = moe_cfg.resolve_dispatch(upcycled=True)
     upcycle(hf_model, ep_size=moe_cfg.ep_size, ep_rank=ep_rank, **kwargs)
-    hf_model.pad_moe_upcycle.moe_config = {**asdict(moe_cfg), "drop_tokens": kwargs["drop_tokens"]}
+    hf_model.pad_moe_upcycle.moe_config = {**asdict(moe_cfg), "drop_tokens": kwargs["drop_tokens"],
+                                           "dispatch": kwargs["dispatch"]}
     return hf_model
 
 

@@ -182,6 +182,7 @@ class _PadMix(torch.autograd.Function):
         is_tensor = isinstance(lam_d, torch.Tensor)
         ctx.save_for_backward(w_dyn, mask_f, lam_d if is_tensor else None)
         ctx.lam_d = None if is_tensor else lam_d
+        ctx.s0_shape = s0.shape  # (out, in) against stacked experts (E, out, in): S0's gradient sums over experts
         return torch.addcmul(s0, lam_mask, w_dyn)
 
     @staticmethod
@@ -195,7 +196,10 @@ class _PadMix(torch.autograd.Function):
                 grad_lam = _dot(masked, w_dyn).reshape(lam_d_t.shape).to(lam_d_t.dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = masked if _is_one(lam_d) else masked.mul_(lam_d)
-        return (grad if ctx.needs_input_grad[0] else None), grad_w, None, None, grad_lam
+        grad_s0 = None
+        if ctx.needs_input_grad[0]:
+            grad_s0 = grad if grad.shape == ctx.s0_shape else grad.sum_to_size(ctx.s0_shape)
+        return grad_s0, grad_w, None, None, grad_lam
 
 
 class _Scale(torch.autograd.Function):
@@ -222,6 +226,25 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _is_one(value) -> bool:
     return not isinstance(value, torch.Tensor) and value == 1.0
+
+
+def scaled(w: torch.Tensor, lam_d) -> torch.Tensor:
+    """λd·W, with the gradient of λd as a contraction; W itself when λd is the constant 1."""
+    return _scaled(w, lam_d)
+
+
+def mix_stacked(static: torch.Tensor, w_dyn: torch.Tensor, mask: torch.Tensor, lam_d) -> torch.Tensor:
+    """The PAD mix of all experts at once: ``static`` = λs·W_s (out, in), ``w_dyn`` stacked (E, out, in), ``mask``
+    shared (broadcastable to W_s) or per expert (E, ...). Bool masks take the fused ``_PadMix`` (exact zero gradient
+    where static); IMP's relaxed masks the differentiable reference formula."""
+    if mask.dtype != torch.bool:
+        return pad_mix(static, w_dyn, mask, 1.0, lam_d)
+    with torch.no_grad():
+        mask_f = mask.to(static.dtype)
+        lam = lam_d.detach() if isinstance(lam_d, torch.Tensor) else lam_d
+        lam_mask = mask_f if _is_one(lam) else (mask_f * lam).to(static.dtype)
+        keep_static = 1 - mask_f
+    return _PadMix.apply(static * keep_static, w_dyn, mask_f, lam_mask, lam_d)
 
 
 def _scaled(w: torch.Tensor, lam_d) -> torch.Tensor:

@@ -7,7 +7,9 @@
 Each takes ``expert_type``: ``mlp`` (fc1, fc2; upcycled with ``from_dense``) or ``glu`` (gate_proj, up_proj, down_proj;
 upcycled with ``from_gated`` from a Llama/Mistral/Qwen-style gated MLP).
 
-DeepSpeed's gate, capacity logic, all-to-all and expert-parallel groups are used as they are; nothing here imports
+``dispatch``: ``capacity`` runs DeepSpeed's MoE forward (gate, capacity, all-to-all) as it is; ``dropless`` keeps the same
+DeepSpeed modules and parameters (gate weight, expert-tagged experts, expert-parallel group, checkpoints) but routes
+every token through ``pad_moe.moe.dropless`` (grouped GEMM, variable all-to-all). Nothing here imports
 ``torch.distributed``. A layer built for ``ep_size > 1`` holds ``num_experts / ep_size`` local experts and needs the
 process groups that ``deepspeed.initialize`` attaches; pass ``ep_rank`` so local experts get their global ids.
 """
@@ -18,11 +20,14 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from pad_moe.moe.ffn import FFN_CLASSES, PAD_EXPERT_CLASSES, PadContext, check_expert_type, make_ffn
+from pad_moe.moe.dropless import DISPATCHES, check_dropless_args, dispatch_and_combine, expert_ffn, route
+from pad_moe.moe.ffn import FFN_CLASSES, PAD_EXPERT_CLASSES, PadContext, check_expert_type, make_ffn, mix_stacked, \
+    scaled
 from pad_moe.pad.protocol import PadMaskMixin
 
 MODES = ("static", "moe", "pad")
@@ -104,11 +109,18 @@ class MoEFFN(nn.Module):
                  ep_rank: int = 0, activation: str = "gelu", bias: bool = True, expert_type: str = "mlp",
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  drop_tokens: bool = True, noisy_gate_policy: Optional[str] = None, use_rts: bool = True,
-                 second_expert_sampling: bool = True, seed: int = 0):
+                 second_expert_sampling: bool = True, seed: int = 0, dispatch: str = "capacity"):
         super().__init__()
         _validate_moe_args(hidden_size, ffn_size, num_experts, k, ep_size, ep_rank, capacity_factor,
                            eval_capacity_factor, min_capacity, noisy_gate_policy)
         check_expert_type(expert_type, activation)
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch={dispatch!r} is unknown; allowed: {', '.join(DISPATCHES)}")
+        if dispatch == "dropless":
+            check_dropless_args(noisy_gate_policy, drop_tokens)
+        self.dispatch = dispatch
+        self.keep_router_logits = False  # dropless: keep the latest (S, E) fp32 logits (Switch's z-loss reads them)
+        self.router_logits: Optional[torch.Tensor] = None
         self.hidden_size, self.ffn_size, self.activation = hidden_size, ffn_size, activation
         self.expert_type, self.bias = expert_type, bias
         self.num_experts, self.k, self.ep_size, self.ep_rank = num_experts, k, ep_size, ep_rank
@@ -182,9 +194,37 @@ class MoEFFN(nn.Module):
         return self._moe(x, used_token)
 
     def _moe(self, x: torch.Tensor, used_token: Optional[torch.Tensor]):
-        """DeepSpeed's MoE, with the gate's sampling in training mode only (see ``eval_routing``)."""
+        """DeepSpeed's MoE, with the gate's sampling in training mode only (see ``eval_routing``), or dropless."""
+        if self.dispatch == "dropless":
+            return self._dropless(x, used_token)
         with eval_routing(self.moe.deepspeed_moe.gate):
             return self.moe(x, used_token)
+
+    def _dropless(self, x: torch.Tensor, used_token: Optional[torch.Tensor]):
+        if used_token is not None:
+            raise ValueError("used_token is not supported with dispatch='dropless' (every token is routed); mask the "
+                             "tokens out of the input, or use dispatch='capacity'")
+        gate = self.moe.deepspeed_moe.gate
+        flat = x.reshape(-1, x.shape[-1])
+        logits = F.linear(flat.float(), gate.wg.weight.float())  # fp32 like DeepSpeed's gate
+        if self.keep_router_logits:
+            self.router_logits = logits
+        routes = route(logits, self.k, sample_second=gate.training and self.k == 2 and gate.top2_2nd_expert_sampling)
+        self._on_routes(routes)
+        weights = self._stacked_weights()
+        act = self.local_experts[0]._act
+        out = dispatch_and_combine(flat, routes, lambda rows, counts: expert_ffn(rows, counts, weights,
+                                                                                  self.expert_type, act),
+                                   ep_size=self.ep_size, group=self.moe.deepspeed_moe.ep_group)
+        return out.reshape(x.shape), routes.l_aux, routes.exp_counts
+
+    def _on_routes(self, routes) -> None:
+        """Dropless: what a subclass needs from the routing (PAD's compacted layers: each token's gate mass)."""
+
+    def _stacked_weights(self) -> dict[str, torch.Tensor]:
+        """This rank's expert weights stacked per name, (E_local, ...) each: what the grouped GEMMs take."""
+        params = [dict(e.named_parameters()) for e in self.local_experts]
+        return {name: torch.stack([p[name] for p in params]) for name in params[0]}
 
 
 class PadMoE(PadMaskMixin, MoEFFN):
@@ -283,6 +323,24 @@ class PadMoE(PadMaskMixin, MoEFFN):
         mass = self._gate_mass.reshape(x.shape[:-1] + (1,)).to(static_out.dtype)
         self._gate_mass = None
         return out + mass * static_out, l_aux, exp_counts
+
+    def _on_routes(self, routes) -> None:
+        if self.compacted:
+            self._gate_mass = routes.weights.sum(1)
+
+    def _stacked_weights(self) -> dict[str, torch.Tensor]:
+        """W_k_eff = λs(1−M)⊙W_s + λd M⊙W_k for all local experts at once: one masked mix per weight and forward."""
+        stacked = super()._stacked_weights()
+        lam_s, lam_d = self.scale_factors()
+        if self.compacted:  # experts hold only their dynamic units
+            return {name: scaled(w, lam_d) for name, w in stacked.items()}
+        static = {n: lam_s * p for n, p in self.static.named_parameters()}
+        if self.mask_sharing == "layer":
+            masks = self.weight_masks()
+            return {n: mix_stacked(static[n], w, masks[n], lam_d) for n, w in stacked.items()}
+        per_expert = [self.weight_masks(f"e{gid}.") for gid in self.global_expert_ids]
+        return {n: mix_stacked(static[n], w, torch.stack([m[n] for m in per_expert]), lam_d)
+                for n, w in stacked.items()}
 
     def _capture_gate_mass(self, _module, _inputs, output) -> None:
         # DeepSpeed's sparse gate output: (l_aux, capacity, E, indices (k,S), locations (k,S), gates (k,S), counts);

@@ -89,6 +89,7 @@ def build_switch_job(cfg, ep_rank: int) -> Seq2SeqJob:
                          ep_size=moe.ep_size, ep_rank=ep_rank, k=moe.k, capacity_factor=moe.capacity_factor,
                          eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
                          drop_tokens=moe.resolve_drop_tokens(upcycled=False),
+                         dispatch=moe.resolve_dispatch(upcycled=False),
                          noisy_gate_policy=moe.noisy_gate_policy, use_rts=moe.use_rts,
                          granularity=moe.granularity, mask_sharing=moe.mask_sharing, scale_mode=moe.scale_mode)
     collate = functools.partial(D.collate, input_length=L, target_length=train_set.target_length)

@@ -59,6 +59,8 @@ class SwitchSparseFFN(nn.Module):
         self.z_loss: Optional[torch.Tensor] = None
         moe = getattr(block, "moe", None)
         self.gate = None if moe is None else moe.deepspeed_moe.gate
+        self.z_enabled = z_loss
+        block.keep_router_logits = z_loss and getattr(block, "dispatch", "capacity") == "dropless"
         if self.gate is not None and z_loss:
             self.gate.register_forward_hook(self._router_z_loss)
 
@@ -70,6 +72,11 @@ class SwitchSparseFFN(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out, l_aux, _ = self.block(hidden_states)
         self.l_aux = l_aux
+        logits = getattr(self.block, "router_logits", None)
+        if logits is not None:  # dropless dispatch does not run the gate module: its logits are kept on the block
+            if self.z_enabled:
+                self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            self.block.router_logits = None
         return out
 
 
@@ -139,14 +146,16 @@ def _sparse_slots(hf_model) -> list[tuple[str, nn.Module]]:
 
 def block_kwargs(arch: SwitchArch, *, ep_size: int = 1, ep_rank: int = 0, k: int = 1, capacity_factor: float = 1.25,
                  eval_capacity_factor: float = 2.0, min_capacity: int = 4, drop_tokens: bool = True,
-                 noisy_gate_policy: Optional[str] = None, use_rts: bool = True, granularity: str = "element",
+                 dispatch: str = "capacity", noisy_gate_policy: Optional[str] = None, use_rts: bool = True,
+                 granularity: str = "element",
                  mask_sharing: str = "layer", scale_mode: str = "both", seed: int = 0) -> dict:
     """build_ffn_block keyword arguments of a Switch sparse FFN (top-1 by default, no biases; ReLU mlp experts, or
     GEGLU glu experts for a gated preset)."""
     return dict(num_experts=arch.num_experts, k=k, ep_size=ep_size, ep_rank=ep_rank, activation=arch.activation,
                 bias=False, expert_type=arch.expert_type,
                 capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                min_capacity=min_capacity, drop_tokens=drop_tokens, noisy_gate_policy=noisy_gate_policy,
+                min_capacity=min_capacity, drop_tokens=drop_tokens, dispatch=dispatch,
+                noisy_gate_policy=noisy_gate_policy,
                 use_rts=use_rts, second_expert_sampling=False, granularity=granularity, mask_sharing=mask_sharing,
                 scale_mode=scale_mode, seed=seed)
 
