@@ -53,20 +53,19 @@ def dynamic_properties(model: nn.Module, run_forward, *, reduce_sum=None, gather
             raise ValueError(f"dynamic_properties needs all experts local; layer {name} has ep_size={layer.ep_size}: "
                              "consolidate the checkpoint first (padmoe consolidate)")
 
-        def gate_hook(_m, _i, out, name=name):
-            indices, gates = out[3].long(), out[5]  # (k, S) expert ids (-1: dropped) and gate values
-            S, E = indices.shape[1], out[2]
-            G = torch.zeros(S, E, dtype=torch.float64)
-            for k in range(indices.shape[0]):
-                keep = indices[k] >= 0
-                G[torch.arange(S)[keep], indices[k][keep]] += gates[k][keep].double()
+        def route_hook(experts, weights, name=name, num_experts=layer.num_experts):
+            S = experts.shape[0]  # experts (S, k), -1 where dropped; weights (S, k)
+            G = torch.zeros(S, num_experts, dtype=torch.float64)
+            for k in range(experts.shape[1]):
+                keep = experts[:, k] >= 0
+                G[torch.arange(S)[keep], experts[:, k][keep]] += weights[:, k][keep].double()
             _accumulate(moments.setdefault(name, {}), "g", G)
 
         def out_hook(_m, _i, out, name=name):
             y = out[0].detach().reshape(-1, out[0].shape[-1]).double()
             _accumulate(moments.setdefault(name, {}), "y", y)
 
-        hooks.append(layer.moe.deepspeed_moe.gate.register_forward_hook(gate_hook))
+        hooks.append(layer.observe_routes(route_hook))
         hooks.append(layer.register_forward_hook(out_hook))
     try:
         run_forward()

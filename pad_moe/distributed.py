@@ -27,7 +27,7 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())  # one process without a launcher: any free port
+            os.environ["MASTER_PORT"] = str(free_port())  # one process without a launcher: any free port
         os.environ.setdefault("MASTER_PORT", "29512")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -37,7 +37,7 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -97,7 +97,8 @@ def build_ds_config(cfg: RunConfig, world: int, total_steps: int) -> dict[str, A
     ds["fp16"] = {"enabled": t.dtype == "fp16", "initial_scale_power": 12}
     if t.optimizer == "adamw":
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-6,
-                                                       "weight_decay": t.weight_decay, "torch_adam": True}}
+                                                       "weight_decay": t.weight_decay, "torch_adam": True,
+                                                       "fused": True}}  # one pass per step (CPU: 8x the default)
     else:  # torch SGD as a client optimizer (initialize_engine builds it)
         ds.pop("optimizer", None)
         ds["zero_allow_untested_optimizer"] = True

@@ -1,5 +1,6 @@
 """Dynamic-property metrics against a brute-force per-token computation."""
 
+import pytest
 import torch
 
 from pad_moe import PadMoE
@@ -54,10 +55,10 @@ def test_live_counts_follow_the_paper_formula_for_shared_masks():
     assert count_live(layer)["params_compact"] == E * dyn + gate + 1
 
 
-def _layer(ep_size: int, ep_rank: int):
+def _layer(ep_size: int, ep_rank: int, dispatch: str = "capacity"):
     torch.manual_seed(0)  # the gate; experts are seeded by global expert id, identical for every ep_size
     layer = PadMoE(6, 10, num_experts=4, k=2, ep_size=ep_size, ep_rank=ep_rank, min_capacity=0, drop_tokens=False,
-                   second_expert_sampling=False, seed=3)
+                   second_expert_sampling=False, seed=3, dispatch=dispatch)
     g = torch.Generator().manual_seed(1)
     layer.set_masks({k: torch.rand(v.shape, generator=g) < 0.5 for k, v in layer.masks().items()})
     return layer
@@ -67,16 +68,17 @@ def _tokens(rank: int):
     return torch.randn(2, 7, 6, generator=torch.Generator().manual_seed(10 + rank))
 
 
-def dynamics_worker(rank, world):
+def dynamics_worker(rank, world, dispatch):
     from pad_moe import distributed as D
 
-    layer = _layer(2, rank)
+    layer = _layer(2, rank, dispatch)
     D.attach_expert_groups(layer)
     return dynamic_properties(layer, lambda: layer(_tokens(rank)), reduce_sum=D.all_reduce_,
                               gather_experts=D.gather_expert_rows)[""]
 
 
-def test_two_expert_parallel_ranks_give_the_single_process_dynamic_properties():
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_two_expert_parallel_ranks_give_the_single_process_dynamic_properties(dispatch):
     """ep_size=2 on 2 gloo ranks, each with half of the tokens: moments all-reduced, expert weights all-gathered;
     equal (1e-6 relative: float32 outputs) to one process holding all experts and seeing both halves (two forwards
     accumulate)."""
@@ -84,7 +86,7 @@ def test_two_expert_parallel_ranks_give_the_single_process_dynamic_properties():
 
     layer = _layer(1, 0)
     want = dynamic_properties(layer, lambda: [layer(_tokens(r)) for r in range(2)])[""]
-    got = run_ranks(dynamics_worker, 2)
+    got = run_ranks(dynamics_worker, 2, dispatch)
     assert want["parameter_variance"] > 0
     for r in got:
         for key, value in want.items():

@@ -185,3 +185,21 @@ def test_config_resolves_dispatch_and_refuses_contradictions():
         load_config("configs/minilm_vader.yaml", ["moe.dispatch=dropless", "moe.noisy_gate_policy=Jitter"])
     with pytest.raises(ValueError, match="moe.dispatch"):
         load_config("configs/debug.yaml", ["moe.dispatch=fast"])
+
+
+def test_dynamics_and_expert_loads_see_dropless_routing_as_they_see_capacity_routing():
+    """Fig. 6 metrics and the trainer's expert-load scalars read the routing; they must not depend on the dispatch."""
+    from pad_moe.analysis import dynamic_properties
+    from pad_moe.train.loop import expert_loads
+
+    ref, dropless = capacity_and_dropless(PadMoE, k=2)
+    ref.eval(), dropless.eval()
+    x = torch.randn(4, 6, H)
+    props = [dynamic_properties(m, lambda m=m: m(x)) for m in (ref, dropless)]
+    assert props[0].keys() == props[1].keys() == {""}
+    for key in ("parameter_variance", "output_variance"):
+        assert props[1][""][key] == pytest.approx(props[0][""][key], rel=1e-5)
+    with torch.no_grad():
+        ref(x), dropless(x)
+    (a,), (b,) = expert_loads(ref), expert_loads(dropless)
+    assert torch.equal(a, b) and a.sum() == 2 * 24

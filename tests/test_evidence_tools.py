@@ -74,3 +74,31 @@ def test_report_pairs_by_seed(tmp_path):
     mean, low, high = evidence.t_interval(diffs)
     assert f"| vader-movies | pad-k0.5 − moe | 3 | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] |" in text
     assert "| vader-movies | moe | 3 |" in text
+
+
+def test_each_launch_takes_a_free_rendezvous_port(monkeypatch, tmp_path):
+    """Two jobs on one machine must not collide on DeepSpeed's default port 29500 (the main job next to a grid)."""
+    import socket
+    import subprocess
+
+    seen = []
+
+    class Done(Exception):
+        pass
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        raise Done
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with socket.socket() as busy:  # hold 29500 if we can, as another job would
+        try:
+            busy.bind(("127.0.0.1", 29500))
+        except OSError:
+            pass
+        with pytest.raises(Done):
+            compare.run_mode("configs/minilm_vader.yaml", "static", "x", 2, [f"output_dir={tmp_path}"])
+    port = int(seen[0][seen[0].index("--master_port") + 1])
+    assert port != 29500
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))

@@ -72,6 +72,11 @@ def eval_routing(gate: nn.Module):
                 cache[device] = previous
 
 
+class _Removable:
+    def __init__(self, remove):
+        self.remove = remove
+
+
 class DenseFFNBlock(nn.Module):
     """mode='static': the dense FFN with the MoE forward contract (zero auxiliary loss, no expert counts)."""
 
@@ -120,6 +125,7 @@ class MoEFFN(nn.Module):
             check_dropless_args(noisy_gate_policy, drop_tokens)
         self.dispatch = dispatch
         self.keep_router_logits = False  # dropless: keep the latest (S, E) fp32 logits (Switch's z-loss reads them)
+        self._route_observers: list = []
         self.router_logits: Optional[torch.Tensor] = None
         self.hidden_size, self.ffn_size, self.activation = hidden_size, ffn_size, activation
         self.expert_type, self.bias = expert_type, bias
@@ -211,6 +217,10 @@ class MoEFFN(nn.Module):
             self.router_logits = logits
         routes = route(logits, self.k, sample_second=gate.training and self.k == 2 and gate.top2_2nd_expert_sampling)
         self._on_routes(routes)
+        for observe in self._route_observers:
+            observe(routes.experts, routes.weights)
+        # where DeepSpeed's MOELayer keeps them, for readers of its attributes (the trainer's expert-load scalars)
+        self.moe.deepspeed_moe.l_aux, self.moe.deepspeed_moe.exp_counts = routes.l_aux, routes.exp_counts
         weights = self._stacked_weights()
         act = self.local_experts[0]._act
         out = dispatch_and_combine(flat, routes, lambda rows, counts: expert_ffn(rows, counts, weights,
@@ -220,6 +230,18 @@ class MoEFFN(nn.Module):
 
     def _on_routes(self, routes) -> None:
         """Dropless: what a subclass needs from the routing (PAD's compacted layers: each token's gate mass)."""
+
+    def observe_routes(self, fn):
+        """Call ``fn(experts, weights)`` after every routing of this layer, whatever the dispatch: experts (S, k) int64
+        (-1 for a route capacity dispatch dropped), weights (S, k) the combine weights. Returns a handle (``remove()``)."""
+        if self.dispatch == "dropless":
+            self._route_observers.append(fn)
+            return _Removable(lambda: self._route_observers.remove(fn))
+
+        def from_gate(_module, _inputs, out):  # DeepSpeed's sparse gate output: indices (k, S), gates (k, S) at 3, 5
+            fn(out[3].long().t(), out[5].t())
+
+        return self.moe.deepspeed_moe.gate.register_forward_hook(from_gate)
 
     def _stacked_weights(self) -> dict[str, torch.Tensor]:
         """This rank's expert weights stacked per name, (E_local, ...) each: what the grouped GEMMs take."""

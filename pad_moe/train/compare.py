@@ -28,7 +28,11 @@ def _fmt_params(n: int) -> str:
 def run_mode(config: str, mode: str, name: str, ranks: int, overrides: list[str]) -> dict:
     """Launch one training run; return its summary (raises with the run's last output when it fails)."""
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(ranks), "--module", "pad_moe.cli", "train", config, *overrides,
+    from pad_moe.distributed import free_port
+
+    # a free rendezvous port: DeepSpeed's default (29500) is taken by any other job on the machine
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "pad_moe.cli", "train",
+           config, *overrides,
            f"moe.mode={mode}", f"name={name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     print(f"[compare] {mode}: {' '.join(cmd[1:])}", flush=True)
