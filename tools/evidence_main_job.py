@@ -16,8 +16,8 @@ Studies (issue 14, in priority order):
 
 Cells are shared between studies (the κ=0.5 IMP cell of ``kappa`` is the one of ``main``). Resumable: a cell whose
 summary.json exists is not re-run, a cell interrupted half way starts again; every finished cell is appended to
-``cells.jsonl`` with its wall time. The same seed gives every mode the same data order and head initialisation, so
-differences are paired: ``--report`` prints mean ± std per variant and the paired differences with 95 % t intervals.
+``cells.jsonl`` with its wall time. A seed sets train.seed, partition.seed and data.seed (data order): the same seed
+gives every mode the same data order and head initialisation, so differences are paired: ``--report`` prints mean ± std per variant and the paired differences with 95 % t intervals.
 Checkpoints are deleted after each cell (~0.4 GB each); summaries, TensorBoard logs and resolved configs stay.
 """
 
@@ -97,7 +97,7 @@ def run_cell(out: str, tag: str, task: str, variant: Variant, seed: int, extra, 
             return json.load(f)
     shutil.rmtree(os.path.join(out, tag), ignore_errors=True)  # a cell killed half way starts again
     args = [*ONE_EPOCH, *extra, *variant.overrides, *overrides, f"output_dir={out}", f"data.task={task}",
-            f"train.seed={seed}", f"partition.seed={seed}"]
+            f"train.seed={seed}", f"partition.seed={seed}", f"data.seed={seed}"]
     t0 = time.time()
     summary = run_mode(CONFIG, variant.mode, tag, ranks, args)
     shutil.rmtree(os.path.join(out, tag, "checkpoints"), ignore_errors=True)

@@ -84,7 +84,7 @@ def plot_comparison(summaries: list[dict], path: str) -> str:
     right.set_xticks(list(x), modes)
     right.set_ylabel("parameters (M)")
     right.set_title("parameters")
-    right.legend(loc="lower right", fontsize=8)
+    right.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
