@@ -29,11 +29,12 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_ffn import _cpu_name, _step_fn, matmul_probe, measure  # noqa: E402
+from bench_ffn import _cpu_name, _step_fn, measure  # noqa: E402
 
 from pad_moe import MoEFFN, PadMoE  # noqa: E402
 from pad_moe.moe.dropless import route  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MLP_VARIANTS = ("ds-capacity-1.0", "ds-capacity-1.25", "ds-dropless-moe", "dropless-moe",
                 "ds-dropless-pad-element-0.5", "dropless-pad-element-0.5", "dropless-pad-neuron-0.5")
 GLU_VARIANTS = tuple(f"glu-{v}" for v in ("ds-capacity-1.0", "ds-dropless-moe", "dropless-moe",
@@ -61,7 +62,7 @@ def skewed_inputs(args, target: float, gen: torch.Generator):
             lo, hi = (mid, hi) if skew(mid) < target else (lo, mid)
         wg[0, 0] += hi
     counts = route(x @ wg.t(), args.k).exp_counts
-    return x.requires_grad_(True), wg, counts
+    return x.to(args.device, DTYPES[args.dtype]).requires_grad_(True), wg, counts
 
 
 def build(name: str, args, wg: torch.Tensor, counts: torch.Tensor, gen: torch.Generator):
@@ -100,13 +101,34 @@ def build(name: str, args, wg: torch.Tensor, counts: torch.Tensor, gen: torch.Ge
             flops = 3.0 * 2.0 * matrices * H * (k * T * n_dyn + T * (F - n_dyn))
         else:
             module.set_masks({n: torch.rand(m.shape, generator=gen) < kappa for n, m in module.masks().items()})
-    module.train()
+    module.to(args.device, DTYPES[args.dtype]).train()  # masks stay bool
     return module, flops, dropped / (k * T)
+
+
+def synced(step, device: str):
+    """The step, waited for on a GPU (kernels run asynchronously)."""
+    if not device.startswith("cuda"):
+        return step
+
+    def run():
+        step()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def matmul_probe(args):
+    """A square torch.mm in the benchmark's dtype on its device, the peak reference: (step, FLOPs)."""
+    n = args.peak_size
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(n, n, generator=gen).to(args.device, DTYPES[args.dtype]) for _ in range(2))
+    out = torch.empty(n, n, device=args.device, dtype=DTYPES[args.dtype])
+    return synced(lambda: torch.mm(a, b, out=out), args.device), 2.0 * n ** 3
 
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    probe, probe_flops = matmul_probe(args.peak_size)
+    probe, probe_flops = matmul_probe(args)
     names = list(MLP_VARIANTS) + (list(GLU_VARIANTS) if args.gated else [])
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("json",)}, "machine": {
         "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__}, "skews": []}
@@ -114,9 +136,9 @@ def run(args) -> dict:
     for target in args.skews:
         gen = torch.Generator().manual_seed(args.seed)
         x, wg, counts = skewed_inputs(args, target, gen)
-        grad_out = torch.randn(args.tokens, args.hidden, generator=gen)
+        grad_out = torch.randn(args.tokens, args.hidden, generator=gen).to(args.device, DTYPES[args.dtype])
         built = {n: build(n, args, wg, counts, gen) for n in names}
-        steps = {n: _step_fn(m, x, grad_out, True) for n, (m, _, _) in built.items()}
+        steps = {n: synced(_step_fn(m, x, grad_out, True), args.device) for n, (m, _, _) in built.items()}
         times: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.warmup + args.repeats):
             probes += [measure(probe, args.max_foreign, args.quiet_wait, args.retries) for _ in range(2)]
@@ -172,7 +194,8 @@ def targets(result: dict) -> list[dict]:
 
 def format_table(result: dict) -> str:
     c = result["config"]
-    lines = [f"T={c['tokens']} H={c['hidden']} F={c['ffn']} (glu F={c['glu_ffn']}) E={c['experts']} k={c['k']} fp32, "
+    lines = [f"T={c['tokens']} H={c['hidden']} F={c['ffn']} (glu F={c['glu_ffn']}) E={c['experts']} k={c['k']} "
+             f"{c['dtype']} on {c['device']}, "
              f"threads={c['threads']}, {c['repeats']} rounds (+{c['warmup']} warm-up), best call; matmul peak "
              f"{result['peak_gflops']:.1f} GFLOP/s ({c['peak_size']}^3 torch.mm, best call)", ""]
     for sk in result["skews"]:
@@ -201,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--peak-size", type=int, default=2048)
     p.add_argument("--quiet-wait", type=float, default=10.0)
     p.add_argument("--retries", type=int, default=1)
