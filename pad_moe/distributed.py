@@ -34,7 +34,30 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", "0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        release_shm_buffer_name()
     return dist.get_rank(), dist.get_world_size()
+
+
+def shm_buffer_path(rank: int) -> str:
+    """Where DeepSpeed's CPU shared-memory all-reduce keeps this rank's buffer (ops/csrc/cpu/comm/shm.cpp names it by
+    uid, MASTER_ADDR, MASTER_PORT and rank)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer_name() -> None:
+    """Unlink this rank's DeepSpeed shm buffer once every rank has mapped every buffer (DeepSpeed never does: each
+    run on a new port left 66 MiB per rank in /dev/shm, i.e. in RAM, until reboot). The mappings stay valid; the
+    memory goes back to the system when the processes exit, even when they crash."""
+    import torch.distributed as dist
+
+    if not hasattr(os, "getuid") or torch.cuda.is_available():
+        return
+    dist.barrier()  # DeepSpeed's init opens the other ranks' buffers before it returns
+    try:
+        os.unlink(shm_buffer_path(dist.get_rank()))
+    except FileNotFoundError:
+        pass
 
 
 def free_port() -> int:

@@ -31,6 +31,9 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        from pad_moe.distributed import release_shm_buffer_name
+
+        release_shm_buffer_name()
         queue.put((rank, True, fn(rank, world, *args)))
     except BaseException:  # noqa: BLE001 - report anything to the parent
         queue.put((rank, False, traceback.format_exc()))
