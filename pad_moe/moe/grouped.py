@@ -30,12 +30,18 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """Forward and both gradients as grouped GEMMs (torch's own backward of _grouped_mm needs contiguous grads)."""
+    """Forward and the gradients as grouped GEMMs (torch's own backward of _grouped_mm needs contiguous grads); the
+    bias is added per expert segment in place and its gradient summed per segment (no (N, out) gathered bias)."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets):
+    def forward(ctx, x, w, bias, offsets, sizes):
         ctx.save_for_backward(x, w, offsets)
-        return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+        ctx.sizes, ctx.has_bias = sizes, bias is not None
+        y = torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+        if bias is not None:
+            for e, segment in enumerate(torch.split(y, sizes)):
+                segment.add_(bias[e])
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -43,18 +49,21 @@ class _GroupedLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = torch._grouped_mm(grad, w, offs=offsets) if ctx.needs_input_grad[0] else None
         grad_w = torch._grouped_mm(grad.t(), x, offs=offsets) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = torch.stack([segment.sum(0) for segment in torch.split(grad, ctx.sizes)])
+        return grad_x, grad_w, grad_b, None, None
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, counts_list: list[int] | None = None,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (N, in) sorted by expert, w (E, out, in), counts (E,) summing to N -> (N, out); ``bias`` (E, out)."""
+    sizes = counts_list if counts_list is not None else counts.tolist()
     if backend(x, w) == "grouped_mm":
-        y = _GroupedLinear.apply(x.contiguous(), w, _offsets(counts))
-    else:
-        sizes = counts_list if counts_list is not None else counts.tolist()
-        y = torch.cat([chunk @ w[e].t() for e, chunk in enumerate(torch.split(x, sizes))]) if x.shape[0] else \
-            x.new_zeros(0, w.shape[1])
-    if bias is not None:
-        y = y + torch.repeat_interleave(bias, counts, dim=0, output_size=x.shape[0])
-    return y
+        return _GroupedLinear.apply(x.contiguous(), w, bias, _offsets(counts), sizes)
+    if not x.shape[0]:
+        return x.new_zeros(0, w.shape[1])
+    chunks = torch.split(x, sizes)
+    if bias is None:
+        return torch.cat([chunk @ w[e].t() for e, chunk in enumerate(chunks)])
+    return torch.cat([torch.addmm(bias[e], chunk, w[e].t()) for e, chunk in enumerate(chunks)])
