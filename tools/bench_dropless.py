@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -30,7 +29,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_ffn import _cpu_name, _step_fn, measure  # noqa: E402
+from bench_ffn import _cpu_name, _step_fn, measure, report_main  # noqa: E402
 
 from pad_moe import MoEFFN, PadMoE  # noqa: E402
 from pad_moe.moe.dropless import route  # noqa: E402
@@ -245,12 +244,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    result = run(args)
-    print(format_table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report_main(parse_args, run, format_table, argv)
 
 
 if __name__ == "__main__":

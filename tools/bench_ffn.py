@@ -368,13 +368,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    result = run(args)
-    print(format_table(result))
+def report_main(parse, run_fn, table_fn, argv=None) -> None:
+    """The benchmarks' command line: parse, run, print the table, write --json when given."""
+    args = parse(argv)
+    result = run_fn(args)
+    print(table_fn(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def main(argv=None) -> None:
+    report_main(parse_args, run, format_table, argv)
 
 
 if __name__ == "__main__":
