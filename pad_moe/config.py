@@ -83,8 +83,9 @@ class MoEConfig:
         _at_least(o, "ep_size", self.ep_size, 1)
         if self.num_experts % self.ep_size:
             raise ValueError(f"moe.num_experts={self.num_experts} is not divisible by moe.ep_size={self.ep_size}")
-        if not 1 <= self.k <= min(2, self.num_experts):
-            raise ValueError(f"moe.k={self.k} must be 1 or 2 and <= moe.num_experts={self.num_experts}")
+        if not 1 <= self.k <= self.num_experts:
+            raise ValueError(f"moe.k={self.k} must be in [1, moe.num_experts={self.num_experts}]")
+
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError(f"moe.capacity_factor={self.capacity_factor} / moe.eval_capacity_factor="
                              f"{self.eval_capacity_factor} must be > 0")
@@ -458,6 +459,9 @@ class RunConfig:
                              f"model.arch={arch} keeps its own FFN type (use moe.expert_type=mlp)")
         self.moe.dispatch = self.moe.resolve_dispatch(upcycled=arch == "hf")  # both saved resolved
         self.moe.drop_tokens = self.moe.resolve_drop_tokens(upcycled=arch == "hf")
+        if self.moe.k > 2 and self.moe.dispatch != "dropless":
+            raise ValueError(f"moe.k={self.moe.k} > 2 needs moe.dispatch=dropless (DeepSpeed's capacity gate and the "
+                             f"deploy router take k = 1 or 2; this run resolved to dispatch={self.moe.dispatch})")
         if self.moe.compact and self.partition.warmup_steps:
             raise ValueError(f"moe.compact=true needs the partition before training (partition.warmup_steps=0, got "
                              f"{self.partition.warmup_steps}): a compacted layer changes shape, the engine cannot")

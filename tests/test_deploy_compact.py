@@ -48,7 +48,7 @@ def x_tokens(seed=0, n=(5, 9)):
 @pytest.mark.parametrize("granularity,sharing,k,drop", [
     ("element", "layer", 2, True), ("element", "expert", 2, True), ("neuron", "layer", 2, True),
     ("neuron", "expert", 2, True), ("element", "layer", 1, False), ("neuron", "layer", 1, False),
-    ("element", "layer", 2, False)])
+    ("element", "layer", 2, False), ("element", "layer", 3, False), ("neuron", "layer", 3, False)])
 def test_compact_block_equals_the_training_form_layer(granularity, sharing, k, drop):
     layer = trained_pad(granularity, sharing, k, drop)
     x = x_tokens()

@@ -203,3 +203,15 @@ def test_dynamics_and_expert_loads_see_dropless_routing_as_they_see_capacity_rou
         ref(x), dropless(x)
     (a,), (b,) = expert_loads(ref), expert_loads(dropless)
     assert torch.equal(a, b) and a.sum() == 2 * 24
+
+
+def test_top_k_above_two_needs_dropless_and_deploys():
+    cfg = load_config("configs/minilm_vader.yaml", ["moe.k=3"])
+    assert (cfg.moe.k, cfg.moe.dispatch) == (3, "dropless")
+    with pytest.raises(ValueError, match="moe.k=3 > 2 needs moe.dispatch=dropless"):
+        load_config("configs/minilm_vader.yaml", ["moe.k=3", "moe.dispatch=capacity"])
+    with pytest.raises(ValueError, match="moe.k=3 > 2 needs moe.dispatch=dropless"):
+        load_config("configs/debug.yaml", ["moe.k=3"])  # from scratch: capacity dispatch with drops
+    assert load_config("configs/debug.yaml", ["moe.k=3", "moe.dispatch=dropless"]).moe.k == 3
+    with pytest.raises(ValueError, match=r"moe.k=9 must be in \[1, moe.num_experts=8\]"):
+        load_config("configs/minilm_vader.yaml", ["moe.k=9"])

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pad_moe.moe.dropless import route
 from pad_moe.moe.ffn import get_activation
 from pad_moe.pad.mixing import as_float
 
@@ -59,20 +60,27 @@ def packed_size(shape) -> int:
 
 # -- routing --------------------------------------------------------------------------------------------------------
 class Router(nn.Module):
-    """Top-k softmax gate (k = 1 or 2) with DeepSpeed's eval-mode capacity rule. forward(x (S, H)) ->
-    (experts (k, S) long, -1 where the route was dropped; gates (k, S) fp32, 0 where dropped)."""
+    """Top-k softmax gate with DeepSpeed's eval-mode capacity rule (k = 1 or 2 when tokens are dropped; any k when
+    not: the dropless routing of ``pad_moe.moe.dropless.route``). forward(x (S, H)) -> (experts (k, S) long, -1 where
+    the route was dropped; gates (k, S) fp32, 0 where dropped)."""
 
     def __init__(self, hidden: int, num_experts: int, k: int, capacity_factor: float = 1.0, min_capacity: int = 0,
                  drop_tokens: bool = True):
         super().__init__()
-        if k not in (1, 2):
-            raise ValueError(f"k={k} is not supported by the deploy router (1 or 2)")
+        if drop_tokens and k not in (1, 2):
+            raise ValueError(f"k={k} with capacity drops is not supported by the deploy router (1 or 2; any k "
+                             "without drops)")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden), requires_grad=False)
         self.num_experts, self.k = num_experts, k
         self.capacity_factor, self.min_capacity, self.drop_tokens = capacity_factor, min_capacity, drop_tokens
 
     def forward(self, x_SH: torch.Tensor):
         logits_SE = F.linear(x_SH.float(), self.weight.float())
+        if not self.drop_tokens:
+            routes = route(logits_SE, self.k)  # the dropless training path's own routing, deterministic
+            return routes.experts.t(), routes.weights.t()
         gates_SE = F.softmax(logits_SE, dim=1)
         S, E = gates_SE.shape
         first_S = gates_SE.argmax(1)
