@@ -33,7 +33,7 @@ class MoEConfig:
     num_experts: int = 8
     """Experts per MoE layer (paper: 8)."""
     k: int = 2
-    """Experts per token: 1 (Switch) or 2 (paper)."""
+    """Experts per token: 1 (Switch), 2 (paper), or more with the dropless dispatch."""
     ep_size: int = 1
     """Expert-parallel group size; must divide num_experts and the world size."""
     capacity_factor: float = 1.0
