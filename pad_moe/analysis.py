@@ -13,26 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pad_moe.moe.layer import MoEFFN, PadMoE
+from pad_moe.moe.layer import MoEFFN
 
 
 def effective_expert_weights(layer: MoEFFN) -> torch.Tensor:
-    """(E_local, P): every local expert's effective FFN weights, flattened (PAD: the mixed weights)."""
-    rows = []
-    for expert in layer.local_experts:
-        if isinstance(layer, PadMoE) and not layer.compacted:
-            lam_s, lam_d = layer.scale_factors()
-            static = {n: lam_s * p for n, p in layer.static.named_parameters()}
-            masks = (layer.weight_masks() if layer.mask_sharing == "layer" else
-                     layer.weight_masks(f"e{layer.global_expert_ids[layer.local_experts.index(expert)]}."))
-            from pad_moe.pad.mixing import pad_mix
-
-            own = dict(expert.named_parameters())
-            ws = [pad_mix(static[n], own[n], masks[n], 1.0, lam_d).flatten() for n in static]
-        else:
-            ws = [p.flatten() for p in expert.parameters()]
-        rows.append(torch.cat(ws))
-    return torch.stack(rows)
+    """(E_local, P): every local expert's effective FFN weights, flattened (PAD: the mixed weights), the stacked
+    weights the dropless dispatch computes with."""
+    stacked = layer._stacked_weights()
+    return torch.cat([w.reshape(w.shape[0], -1) for w in stacked.values()], dim=1)
 
 
 @torch.no_grad()

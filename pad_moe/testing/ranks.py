@@ -7,16 +7,11 @@ Ranks time out fast (``DEEPSPEED_TIMEOUT``) so a dead peer fails a test instead 
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pad_moe.distributed import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
