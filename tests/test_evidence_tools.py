@@ -65,15 +65,40 @@ def test_report_pairs_by_seed(tmp_path):
     values = {"static": [0.70, 0.72, 0.71], "moe": [0.71, 0.70, 0.73], "pad-k0.5": [0.73, 0.74, 0.72]}
     for variant, per_seed in values.items():
         for seed, v in enumerate(per_seed):
-            os.makedirs(tmp_path / f"vader-movies-{variant}-s{seed}")
-            with open(tmp_path / f"vader-movies-{variant}-s{seed}" / "summary.json", "w") as f:
+            with open(tmp_path / f"vader-movies-{variant}-s{seed}.json", "w") as f:
                 json.dump(summary(variant.split("-")[0], v, seed), f)
-    os.makedirs(tmp_path / "vader-movies-moe-s3")  # an unfinished cell: no summary, not counted
+    (tmp_path / "vader-movies-moe-s3.json.tmp").write_text("{")  # a record being written: not counted
+    (tmp_path / "cells.jsonl").write_text("")
     text = evidence.report(str(tmp_path))
     diffs = [a - b for a, b in zip(values["pad-k0.5"], values["moe"])]
     mean, low, high = evidence.t_interval(diffs)
     assert f"| vader-movies | pad-k0.5 − moe | 3 | {mean:+.4f} | [{low:+.4f}, {high:+.4f}] |" in text
     assert "| vader-movies | moe | 3 |" in text
+
+
+def test_recorded_cell_is_not_rerun_and_a_new_one_is_recorded(monkeypatch, tmp_path):
+    """The record (a tracked folder) is what makes the grid resumable across fresh checkouts."""
+    evidence = load_evidence()
+    record, out = tmp_path / "record", tmp_path / "out"
+    record.mkdir()
+    (record / "vader-movies-static-s0.json").write_text(json.dumps(summary("static", 0.7, 0)))
+    calls = []
+
+    def fake_run_mode(config, mode, tag, ranks, args):
+        calls.append(tag)
+        os.makedirs(out / tag / "checkpoints")
+        return summary(mode, 0.71, 1)
+
+    monkeypatch.setattr(evidence, "run_mode", fake_run_mode)
+    cell = dict(task="vader-movies", variant=evidence.STATIC, extra=(), ranks=2, overrides=[])
+    assert evidence.run_cell(str(out), str(record), "vader-movies-static-s0", seed=0, **cell)["eval"]
+    assert calls == []
+    evidence.run_cell(str(out), str(record), "vader-movies-static-s1", seed=1, **cell)
+    assert calls == ["vader-movies-static-s1"]
+    assert json.loads((record / "vader-movies-static-s1.json").read_text()) == summary("static", 0.71, 1)
+    line = json.loads((record / "cells.jsonl").read_text().splitlines()[-1])
+    assert line["tag"] == "vader-movies-static-s1" and "data.seed=1" in line["args"] and line["commit"]
+    assert not (out / "vader-movies-static-s1" / "checkpoints").exists()
 
 
 def test_each_launch_takes_a_free_rendezvous_port(monkeypatch, tmp_path):

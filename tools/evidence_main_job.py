@@ -3,8 +3,9 @@
 under the deepspeed launcher (pad_moe.train.compare.run_mode) at the main job's model and recipe
 (configs/minilm_vader.yaml) with one full epoch of the full training split and the full dev set.
 
-    python tools/evidence_main_job.py --study main [--study kappa ...] [--out runs/evidence-epoch] [key=value ...]
-    python tools/evidence_main_job.py --report [--out runs/evidence-epoch]        # tables of the finished cells
+    python tools/evidence_main_job.py --study main [--study kappa ...] [--out runs/evidence-epoch] \
+        [--record docs/evidence/epoch] [key=value ...]
+    python tools/evidence_main_job.py --report [--record docs/evidence/epoch]      # tables of the finished cells
 
 Studies (issue 14, in priority order):
   main     static / moe / pad κ=0.5, seeds 0-4, vader-movies and vader-movies-reg
@@ -14,9 +15,10 @@ Studies (issue 14, in priority order):
   scale    scale factors none / static / dynamic / both / unconstrained at κ=0.5, seeds 0-2, vader-movies
   full6    main on the full 6-layer MiniLM (model.preset=minilm), seeds 0-2, vader-movies
 
-Cells are shared between studies (the κ=0.5 IMP cell of ``kappa`` is the one of ``main``). Resumable: a cell whose
-summary.json exists is not re-run, a cell interrupted half way starts again; every finished cell is appended to
-``cells.jsonl`` with its wall time. A seed sets train.seed, partition.seed and data.seed (data order): the same seed
+Cells are shared between studies (the κ=0.5 IMP cell of ``kappa`` is the one of ``main``). Runs go under ``--out``
+(scratch: TensorBoard logs, resolved configs); each finished cell's summary is copied to ``--record`` (a tracked
+folder, ``<tag>.json``) and appended to its ``cells.jsonl`` with wall time and the commit that ran it, so the grid
+survives a fresh checkout. Resumable: a cell in the record is not re-run, a cell interrupted half way starts again. A seed sets train.seed, partition.seed and data.seed (data order): the same seed
 gives every mode the same data order and head initialisation, so differences are paired: ``--report`` prints mean ± std per variant and the paired differences with 95 % t intervals.
 Checkpoints are deleted after each cell (~0.4 GB each); summaries, TensorBoard logs and resolved configs stay.
 """
@@ -29,6 +31,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from pad_moe.train.compare import REPO_ROOT, run_mode
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "minilm_vader.yaml")
+RECORD = os.path.join(REPO_ROOT, "docs", "evidence", "epoch")
 ONE_EPOCH = ["train.steps=0", "train.epochs=1", "data.max_train=null", "data.max_eval=null"]
 MOVIES, REGRESSION, POOLED = "vader-movies", "vader-movies-reg", "vader-all"
 
@@ -89,11 +93,11 @@ def cells(studies: list[str]):
                         yield tag, task, variant, seed, extra
 
 
-def run_cell(out: str, tag: str, task: str, variant: Variant, seed: int, extra, ranks: int,
+def run_cell(out: str, record: str, tag: str, task: str, variant: Variant, seed: int, extra, ranks: int,
              overrides: list[str]) -> dict:
-    path = os.path.join(out, tag, "summary.json")
-    if os.path.exists(path):
-        with open(path) as f:
+    kept = os.path.join(record, f"{tag}.json")
+    if os.path.exists(kept):
+        with open(kept) as f:
             return json.load(f)
     shutil.rmtree(os.path.join(out, tag), ignore_errors=True)  # a cell killed half way starts again
     args = [*ONE_EPOCH, *extra, *variant.overrides, *overrides, f"output_dir={out}", f"data.task={task}",
@@ -101,11 +105,23 @@ def run_cell(out: str, tag: str, task: str, variant: Variant, seed: int, extra, 
     t0 = time.time()
     summary = run_mode(CONFIG, variant.mode, tag, ranks, args)
     shutil.rmtree(os.path.join(out, tag, "checkpoints"), ignore_errors=True)
-    with open(os.path.join(out, "cells.jsonl"), "a") as f:
-        f.write(json.dumps({"tag": tag, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    os.makedirs(record, exist_ok=True)
+    with open(kept + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(kept + ".tmp", kept)  # a half-written record would count as finished
+    with open(os.path.join(record, "cells.jsonl"), "a") as f:
+        f.write(json.dumps({"tag": tag, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
                             "command_s": round(time.time() - t0, 1), "train_s": round(summary["wall_time_s"], 1),
                             "args": args}) + "\n")
     return summary
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 # -- report -------------------------------------------------------------------------------------------------------
@@ -118,14 +134,13 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, 
     return mean, mean - half, mean + half
 
 
-def collect(out: str) -> dict[tuple[str, str], dict[int, dict]]:
-    """{(study-prefixed task, variant): {seed: summary}} of every finished cell under ``out``."""
+def collect(record: str) -> dict[tuple[str, str], dict[int, dict]]:
+    """{(study-prefixed task, variant): {seed: summary}} of every finished cell in ``record``."""
     found: dict[tuple[str, str], dict[int, dict]] = {}
-    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        m = TAG.fullmatch(name)
-        path = os.path.join(out, name, "summary.json")
-        if m and os.path.exists(path):
-            with open(path) as f:
+    for name in sorted(os.listdir(record)) if os.path.isdir(record) else []:
+        m = TAG.fullmatch(name.removesuffix(".json"))
+        if m and name.endswith(".json"):
+            with open(os.path.join(record, name)) as f:
                 task = (m["study"] or "") + m["task"]
                 found.setdefault((task, m["variant"]), {})[int(m["seed"])] = json.load(f)
     return found
@@ -144,8 +159,8 @@ def _variant_order(name: str) -> tuple:
     return (2, -kappa, name)
 
 
-def report(out: str) -> str:
-    found = collect(out)
+def report(record: str) -> str:
+    found = collect(record)
     lines = ["| task | variant | seeds | params (training) | params (stored) | dev metric mean ± std | per seed |",
              "|---|---|---|---|---|---|---|"]
     for task, variant in sorted(found, key=lambda k: (k[0], _variant_order(k[1]))):
@@ -190,20 +205,21 @@ def _domain_table(found) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/minilm_vader.yaml (for every cell)")
-    p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "evidence-epoch"))
+    p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "evidence-epoch"), help="scratch run folders")
+    p.add_argument("--record", default=RECORD, help="tracked folder of finished cells (<tag>.json, cells.jsonl)")
     p.add_argument("--study", action="append", choices=list(STUDIES), help="repeatable; default: main")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only tabulate the finished cells under --out")
     args = p.parse_args(argv)
     if args.report:
-        print(report(args.out))
+        print(report(args.record))
         return 0
     os.makedirs(args.out, exist_ok=True)
     for tag, task, variant, seed, extra in cells(args.study or ["main"]):
-        run_cell(args.out, tag, task, variant, seed, extra, args.ranks, args.overrides)
+        run_cell(args.out, args.record, tag, task, variant, seed, extra, args.ranks, args.overrides)
         with open(os.path.join(args.out, "evidence.md"), "w") as f:
-            f.write(report(args.out) + "\n")
-    print(report(args.out))
+            f.write(report(args.record) + "\n")
+    print(report(args.record))
     return 0
 
 
