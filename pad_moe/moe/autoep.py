@@ -1,0 +1,176 @@
+"""PAD-MoE on DeepSpeed AutoEP: HF MoE models (Mixtral, Qwen2/Qwen3-MoE, DeepSeek, ...) with PAD experts, under
+DeepSpeed's own dropless expert-parallel layer, ZeRO 0-3 and universal checkpoints.
+
+AutoEP swaps each HF MoE block for ``AutoEPMoELayer`` at ``deepspeed.initialize`` (router copied, this rank's experts
+as ``GroupedExperts`` w1 gate / w3 up ``(E_local, F, H)``, w2 down ``(E_local, H, F)``, no biases, dropless
+all-to-all and grouped GEMM). ``pad_autoep_layers(...)`` makes it build ``PadAutoEPLayer`` instead: the same layer
+plus, on the layer and outside ``.experts`` (DeepSpeed reduces anything under ``.experts`` over the expert-data-parallel
+group only), the static weights W_s, one mask per weight shared by all experts (replicated, full size: AutoEP
+checkpoints only w1/w2/w3 expert-parallel-aware) and φ. The experts compute with W_eff = where(M, λd·W_k, λs·W_s),
+mixed once per forward on the stacked weights, through DeepSpeed's own grouped runners. All masks one and φ = 0 give
+the original model exactly; W_s starts as the mean of the layer's experts (``static_init``).
+
+Private DeepSpeed pieces relied on (pinned by pyproject's deepspeed range, covered by tests/test_autoep.py): the
+``AutoEPMoELayer`` constructor signature, its ``experts`` attribute and ``GroupedExperts`` flags, the module attribute
+``deepspeed.module_inject.auto_ep_layer.AutoEPMoELayer`` that AutoEP instantiates, ``repack_expert_weights`` and the
+``_run_experts_*`` runners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import torch
+from deepspeed.module_inject import auto_ep_layer
+from deepspeed.moe import ep_experts
+from deepspeed.moe.ep_experts import GroupedExperts
+from deepspeed.moe.ep_repack import repack_expert_weights
+from torch import nn
+
+from pad_moe.moe.ffn import mix_stacked, scaled
+from pad_moe.pad.protocol import PadMaskMixin
+
+# AutoEP's grouped weights and the glu FFN weight names the PAD mask machinery (granularities) knows them by.
+GROUPED_TO_GLU = {"w1": "gate_proj.weight", "w3": "up_proj.weight", "w2": "down_proj.weight"}
+STATIC_INITS = ("mean", "first")
+SCALE_MODES = ("both", "static", "dynamic", "none", "unconstrained")
+
+
+@dataclass(frozen=True)
+class PadAutoEPOptions:
+    granularity: str = "element"
+    scale_mode: str = "both"
+    static_init: str = "mean"  # W_s from the experts: their mean, or expert 0 (documented choice, see module doc)
+
+    def __post_init__(self):
+        if self.static_init not in STATIC_INITS:
+            raise ValueError(f"static_init={self.static_init!r} is unknown; allowed: {', '.join(STATIC_INITS)}")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode={self.scale_mode!r} is unknown; allowed: {', '.join(SCALE_MODES)}")
+
+
+class PadGroupedExperts(GroupedExperts):
+    """AutoEP's grouped experts computing with the owning layer's PAD-mixed weights (no parameters of its own added)."""
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self._pad_owner().effective_expert_weights(self.w1, self.w2, self.w3)
+        act = (self.activation, self.activation_alpha, self.activation_limit)
+        if self.use_triton_grouped_mm:
+            run = ep_experts._run_experts_triton_grouped_mm
+        elif self.use_grouped_mm:
+            run = (ep_experts._run_experts_grouped_mm_fused_gate_up if self.gate_up_impl == "fused"
+                   else ep_experts._run_experts_grouped_mm)
+        else:
+            run = ep_experts._run_experts_for_loop
+        return run(w1, w2, w3, x, num_tokens_per_expert, *act)
+
+
+class PadAutoEPLayer(PadMaskMixin, auto_ep_layer.AutoEPMoELayer):
+    """``AutoEPMoELayer`` with PAD experts; built by AutoEP inside ``pad_autoep_layers`` (options on the class)."""
+
+    pad_options: ClassVar[PadAutoEPOptions] = PadAutoEPOptions()
+
+    def __init__(self, spec, source_module: nn.Module, ep_size: int, ep_rank: int, config, deepep_scope=None):
+        super().__init__(spec, source_module, ep_size, ep_rank, config, deepep_scope=deepep_scope)
+        if spec.has_shared_experts and self.shared_experts is None:
+            raise ValueError(f"{spec.moe_module_name}: shared experts announced but not found")
+        options = self.pad_options
+        self.experts.__class__ = PadGroupedExperts
+        self.experts._pad_owner = weakref.ref(self)  # a plain reference, not a submodule (no cycle in the tree)
+        full = repack_expert_weights(getattr(source_module, spec.experts_name), spec, ep_rank=0, ep_size=1)
+        for grouped, weight in zip(("w1", "w2", "w3"), full):
+            weight = weight.detach()
+            init = weight.float().mean(0) if options.static_init == "mean" else weight[0].float()
+            # Direct parameters of the layer: ZeRO-3 gathers them for the layer's forward, experts included.
+            self.register_parameter(f"static_{grouped}", nn.Parameter(init.to(weight.dtype).contiguous()))
+        shapes = {GROUPED_TO_GLU[g]: tuple(getattr(self, f"static_{g}").shape) for g in GROUPED_TO_GLU}
+        self.init_pad(shapes, granularity=options.granularity, scale_mode=options.scale_mode)
+        self.mask_sharing = "layer"
+
+    @property
+    def expert_group_name(self) -> str:  # layer-shared masks: magnitude scores are summed over this group
+        return self.ep_group_name
+
+    def static_weight(self, grouped: str) -> torch.Tensor:
+        return getattr(self, f"static_{grouped}")
+
+    def effective_expert_weights(self, w1, w2, w3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w2, w3) of the local experts mixed with the static weights under the current (or relaxed) masks."""
+        lam_s, lam_d = self.scale_factors()
+        masks = self.weight_masks()
+        mixed = {}
+        for grouped, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+            mask = masks[GROUPED_TO_GLU[grouped]]
+            static = scaled(self.static_weight(grouped), lam_s)  # λs = 0 once the static part is dropped (MoE-P)
+            mixed[grouped] = mix_stacked(static.to(w.dtype), w, mask, lam_d)
+        return mixed["w1"], mixed["w2"], mixed["w3"]
+
+    def magnitude_scores(self) -> dict[str, torch.Tensor]:
+        """|λd·W_k − λs·W_s| summed over this rank's experts (and each mask entry's weights), per mask."""
+        lam_s, lam_d = self.scale_factors()
+        with torch.no_grad():
+            per_weight = {GROUPED_TO_GLU[g]: (lam_d * getattr(self.experts, g) - lam_s * self.static_weight(g))
+                          .abs().sum(0) for g in GROUPED_TO_GLU}
+            return self.granularity.reduce(per_weight, self._weight_shapes)
+
+
+@contextlib.contextmanager
+def pad_autoep_layers(options: PadAutoEPOptions | None = None) -> Iterator[type]:
+    """Inside the block, AutoEP (``deepspeed.initialize`` with ``expert_parallel.enabled``) builds PAD layers."""
+    options = options or PadAutoEPOptions()
+    layer_class = type("PadAutoEPLayer", (PadAutoEPLayer,), {"pad_options": options})
+    original = auto_ep_layer.AutoEPMoELayer
+    auto_ep_layer.AutoEPMoELayer = layer_class
+    try:
+        with transformers_output_recorder_shim():
+            yield layer_class
+    finally:
+        auto_ep_layer.AutoEPMoELayer = original
+
+
+def pad_autoep_modules(model: nn.Module) -> list[tuple[str, PadAutoEPLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PadAutoEPLayer)]
+
+
+# -- transformers 5.24 ----------------------------------------------------------------------------------------------
+class _KeyedRecordRegistry(dict):
+    """transformers 5.24's ``_CanRecordRegistry`` (get(model), set by model) that also takes the class-name keys and
+    the ``get(key, default)`` DeepSpeed 0.19.8's AutoEP uses (``auto_ep_presets/base.py``)."""
+
+    _MISSING = object()
+
+    def __setitem__(self, key, value) -> None:
+        dict.__setitem__(self, key if isinstance(key, str) else str(key.__class__), value)
+
+    def get(self, key, default=_MISSING):
+        if isinstance(key, str):
+            return dict.get(self, key, None if default is self._MISSING else default)
+        found = dict.get(self, str(key.__class__))
+        return found or ({} if default is self._MISSING else default)
+
+
+@contextlib.contextmanager
+def transformers_output_recorder_shim():
+    """AutoEP retargets transformers' output recorders through a registry whose API transformers 5.24 changed
+    (``TypeError: _CanRecordRegistry.get() takes 2 positional arguments but 3 were given``); for the block, the
+    registry instance answers both APIs (same entries, same storage)."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        yield
+        return
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    original = type(registry)
+    if not isinstance(registry, dict) or original is dict or original is _KeyedRecordRegistry:
+        yield
+        return
+    shim = type("_CanRecordRegistryCompat", (_KeyedRecordRegistry, original), {})
+    shim.__setitem__, shim.get = _KeyedRecordRegistry.__setitem__, _KeyedRecordRegistry.get
+    registry.__class__ = shim
+    try:
+        yield
+    finally:
+        registry.__class__ = original
