@@ -222,3 +222,76 @@ def test_bad_options_are_refused():
         PadAutoEPOptions(static_init="median")
     with pytest.raises(ValueError, match="scale_mode='half'"):
         PadAutoEPOptions(scale_mode="half")
+
+
+def _masked_engine(stage, ep, micro, universal=False):
+    from pad_moe.moe.autoep import pad_autoep_modules
+
+    import deepspeed
+
+    from pad_moe.moe.autoep import pad_autoep_layers
+
+    config = _ds_config(stage, ep, micro)
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
+    model = _mixtral()
+    with pad_autoep_layers():
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    g = torch.Generator().manual_seed(4)
+    for _, layer in pad_autoep_modules(engine.module):
+        layer.set_masks({k: torch.rand(v.shape, generator=g) < 0.5 for k, v in layer.masks().items()})
+    return engine
+
+
+def _save_then_continue(rank, world, ckpt):
+    from pad_moe.distributed import use_weights_only_checkpoints
+
+    engine = _masked_engine(2, world, 2)
+    use_weights_only_checkpoints(engine)
+    before = _losses(engine, rank, world, steps=2)
+    engine.save_checkpoint(ckpt, tag="step2")
+    return before + _losses(engine, rank, world, steps=2)
+
+
+def _resume_universal(rank, world, universal, tag, ep, micro):
+    from pad_moe.checkpoint_io import load_universal
+    from pad_moe.distributed import use_weights_only_checkpoints
+    from pad_moe.moe.autoep import pad_autoep_modules
+
+    engine = _masked_engine(2, ep, micro, universal=True)
+    for _, layer in pad_autoep_modules(engine.module):  # the checkpoint must bring the masks back
+        layer.set_masks({k: torch.ones_like(v) for k, v in layer.masks().items()})
+    use_weights_only_checkpoints(engine)
+    load_universal(engine, universal, tag)
+    ratios = [layer.dynamic_ratio() for _, layer in pad_autoep_modules(engine.module)]
+    return _losses(engine, rank, world, steps=2, micro=micro), ratios
+
+
+@pytest.mark.slow
+def test_autoep_pad_checkpoint_at_ep2_resumes_at_other_ep_through_universal_checkpoint(tmp_path):
+    """Written at ep 2 on 2 ranks, converted by DeepSpeed's ds_to_universal (weights-only loads), resumed at ep 1 on one
+    process, at ep 1 on 2 ranks and at ep 4 on 4 ranks, over the same global batch: the continued losses are the
+    uninterrupted run's (masks, static weights and Adam state kept)."""
+    from pad_moe.checkpoint_io import to_universal
+
+    ckpt, universal = str(tmp_path / "ckpt"), str(tmp_path / "universal")
+    uninterrupted = run_ranks(_save_then_continue, 2, ckpt)
+    to_universal(ckpt, "step2", universal)
+    expected = [(a + b) / 2 for a, b in zip(uninterrupted[0][2:], uninterrupted[1][2:])]
+    for world, ep in ((1, 1), (2, 1), (4, 4)):
+        ranks = run_ranks(_resume_universal, world, universal, "step2", ep, 4 // world)
+        resumed = [sum(r[0][i] for r in ranks) / world for i in range(2)]
+        assert all(0.4 < r < 0.6 for rank in ranks for r in rank[1]), (world, ep, ranks)
+        assert resumed == pytest.approx(expected, rel=2e-5, abs=1e-6), (world, ep, resumed, expected)
+
+
+def test_universal_conversion_refuses_bad_paths(tmp_path):
+    from pad_moe.checkpoint_io import to_universal
+    from pad_moe.errors import UsageError
+
+    with pytest.raises(UsageError, match="does not exist"):
+        to_universal(str(tmp_path), "global_step9", str(tmp_path / "u"))
+    (tmp_path / "step1").mkdir()
+    (tmp_path / "u").mkdir()
+    with pytest.raises(UsageError, match="already exists"):
+        to_universal(str(tmp_path), "step1", str(tmp_path / "u"))
