@@ -83,6 +83,30 @@ def load_universal(engine, universal_dir: str, tag: str) -> None:
             module._on_masks_changed()
 
 
+def check_same_expert_layout(state: dict, ep_size: int, dp_world_size: int, where: str) -> None:
+    """Refuse a plain (non-universal) load of an AutoEP checkpoint into another expert-parallel layout: DeepSpeed would
+    load it and train on with fp32 master copies that no longer match the weights (silent divergence)."""
+    saved_ep = {entry.get("ep_size") for entry in state.get("ds_autoep_layers") or []}
+    saved_dp = state.get("dp_world_size")
+    if saved_ep and (saved_ep != {ep_size} or saved_dp != dp_world_size):
+        raise UsageError(f"checkpoint {where} was written at expert-parallel size {sorted(saved_ep)[0]} on "
+                         f"{saved_dp} data-parallel ranks, this run has {ep_size} on {dp_world_size}; convert it with "
+                         "pad_moe.checkpoint_io.to_universal and load it with load_universal")
+
+
+def load_same_layout(engine, checkpoint_dir: str, tag: str) -> None:
+    """``engine.load_checkpoint`` (weights-only) of a checkpoint written at this run's expert-parallel layout."""
+    import os
+
+    path = os.path.join(checkpoint_dir, tag, "mp_rank_00_model_states.pt")
+    if not os.path.exists(path):
+        raise UsageError(f"{path} does not exist; pass a DeepSpeed checkpoint folder and one of its tags")
+    sizes = {m.ep_size for m in engine.module.modules() if getattr(m, "_is_autoep_layer", False)}
+    check_same_expert_layout(weights_only_load(path), max(sizes, default=1), engine.dp_world_size, path)
+    with weights_only_torch_load():
+        engine.load_checkpoint(checkpoint_dir, tag=tag)
+
+
 def _non_persistent(model, buffer_name: str) -> set:
     owner = model.get_submodule(buffer_name.rsplit(".", 1)[0]) if "." in buffer_name else model
     return set(getattr(owner, "_non_persistent_buffers_set", ()))

@@ -176,7 +176,7 @@ def _imp(rank, world, scorer):
     return report.dynamic_per_round, masks  # lists: tensors through the result queue outlive their process
 
 
-@pytest.mark.parametrize("scorer", ["snip", "magnitude"])
+@pytest.mark.parametrize("scorer", ["snip", pytest.param("magnitude", marks=pytest.mark.slow)])
 def test_imp_on_autoep_pad_layers_two_ranks_match_one_process(scorer):
     """IMP partitions AutoEP PAD layers like any PAD module; ep 2 over 2 ranks ≡ one process over the global batch."""
     def as_tensors(result):
@@ -225,11 +225,9 @@ def test_bad_options_are_refused():
 
 
 def _masked_engine(stage, ep, micro, universal=False):
-    from pad_moe.moe.autoep import pad_autoep_modules
-
     import deepspeed
 
-    from pad_moe.moe.autoep import pad_autoep_layers
+    from pad_moe.moe.autoep import pad_autoep_layers, pad_autoep_modules
 
     config = _ds_config(stage, ep, micro)
     if universal:
@@ -244,13 +242,17 @@ def _masked_engine(stage, ep, micro, universal=False):
 
 
 def _save_then_continue(rank, world, ckpt):
+    from pad_moe.checkpoint_io import load_same_layout
     from pad_moe.distributed import use_weights_only_checkpoints
 
     engine = _masked_engine(2, world, 2)
     use_weights_only_checkpoints(engine)
     before = _losses(engine, rank, world, steps=2)
     engine.save_checkpoint(ckpt, tag="step2")
-    return before + _losses(engine, rank, world, steps=2)
+    after = _losses(engine, rank, world, steps=2)
+    again = _masked_engine(2, world, 2)  # same layout: the plain load resumes exactly
+    load_same_layout(again, ckpt, "step2")
+    return before + after, _losses(again, rank, world, steps=2)
 
 
 def _resume_universal(rank, world, universal, tag, ep, micro):
@@ -275,7 +277,10 @@ def test_autoep_pad_checkpoint_at_ep2_resumes_at_other_ep_through_universal_chec
     from pad_moe.checkpoint_io import to_universal
 
     ckpt, universal = str(tmp_path / "ckpt"), str(tmp_path / "universal")
-    uninterrupted = run_ranks(_save_then_continue, 2, ckpt)
+    ranks = run_ranks(_save_then_continue, 2, ckpt)
+    uninterrupted = [r[0] for r in ranks]
+    for rank, reference in zip(ranks, uninterrupted):
+        assert rank[1] == pytest.approx(reference[2:], rel=1e-6, abs=1e-7)
     to_universal(ckpt, "step2", universal)
     expected = [(a + b) / 2 for a, b in zip(uninterrupted[0][2:], uninterrupted[1][2:])]
     for world, ep in ((1, 1), (2, 1), (4, 4)):
@@ -283,6 +288,19 @@ def test_autoep_pad_checkpoint_at_ep2_resumes_at_other_ep_through_universal_chec
         resumed = [sum(r[0][i] for r in ranks) / world for i in range(2)]
         assert all(0.4 < r < 0.6 for rank in ranks for r in rank[1]), (world, ep, ranks)
         assert resumed == pytest.approx(expected, rel=2e-5, abs=1e-6), (world, ep, resumed, expected)
+
+
+def test_plain_load_at_another_expert_layout_is_refused():
+    from pad_moe.checkpoint_io import check_same_expert_layout
+    from pad_moe.errors import UsageError
+
+    state = {"ds_autoep_layers": [{"ep_size": 2}, {"ep_size": 2}], "dp_world_size": 2}
+    check_same_expert_layout(state, 2, 2, "ckpt")  # same layout: fine
+    check_same_expert_layout({"dp_world_size": 1}, 4, 4, "ckpt")  # not an AutoEP checkpoint: not ours to judge
+    for ep, dp in ((1, 1), (1, 2), (4, 4)):
+        with pytest.raises(UsageError, match=f"expert-parallel size 2 on 2 data-parallel ranks, this run has {ep} on "
+                                             f"{dp}; convert it with pad_moe.checkpoint_io.to_universal"):
+            check_same_expert_layout(state, ep, dp, "ckpt")
 
 
 def test_universal_conversion_refuses_bad_paths(tmp_path):

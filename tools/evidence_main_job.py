@@ -18,8 +18,10 @@ Studies (issue 14, in priority order):
 Cells are shared between studies (the κ=0.5 IMP cell of ``kappa`` is the one of ``main``). Runs go under ``--out``
 (scratch: TensorBoard logs, resolved configs); each finished cell's summary is copied to ``--record`` (a tracked
 folder, ``<tag>.json``) and appended to its ``cells.jsonl`` with wall time and the commit that ran it, so the grid
-survives a fresh checkout. Resumable: a cell in the record is not re-run, a cell interrupted half way starts again. A seed sets train.seed, partition.seed and data.seed (data order): the same seed
-gives every mode the same data order and head initialisation, so differences are paired: ``--report`` prints mean ± std per variant and the paired differences with 95 % t intervals.
+survives a fresh checkout. Resumable: a cell in the record is not re-run, a cell interrupted half way starts again. A
+seed sets train.seed, partition.seed and data.seed (data order): the same seed gives every mode the same data order
+and head initialisation, so differences are paired: ``--report`` prints mean ± std per variant and the paired
+differences with 95 % t intervals.
 Checkpoints are deleted after each cell (~0.4 GB each); summaries, TensorBoard logs and resolved configs stay.
 """
 

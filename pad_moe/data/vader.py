@@ -9,8 +9,9 @@ Tasks, per corpus (movies, tweets, nyt, amazon): ``vader-<corpus>`` is binary (l
 score is exactly 0 are dropped, 37 of the 10,605 movie sentences) and ``vader-<corpus>-reg`` is regression on the
 score. ``vader-all`` / ``vader-all-reg`` pool the four corpora (multi-domain): training on all of them, evaluation on
 the pooled ``validation`` split and on each corpus's own (``validation-movies``, ..., the same sentences as the
-single-corpus tasks' validation splits). Split: a sentence is in ``validation`` when blake2b-64(its UTF-8 text) mod 1000 < 100 (about 10 %), else in
-``train``; hashing the text (not the id) keeps duplicated sentences on one side of the split.
+single-corpus tasks' validation splits). Split: a sentence is in ``validation`` when blake2b-64(its UTF-8 text)
+mod 1000 < 100 (about 10 %), else in ``train``; hashing the text (not the id) keeps duplicated sentences on one side
+of the split.
 
     python -m pad_moe.data [--cache-dir DIR] [--archive vaderSentiment-3.3.2.tar.gz]   # fetch / install now
 """

@@ -26,8 +26,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from pad_moe.moe.dropless import DISPATCHES, check_dropless_args, dispatch_and_combine, expert_ffn, route
-from pad_moe.moe.ffn import FFN_CLASSES, PAD_EXPERT_CLASSES, PadContext, check_expert_type, make_ffn, mix_stacked, \
-    scaled
+from pad_moe.moe.ffn import FFN_CLASSES, PAD_EXPERT_CLASSES, PadContext, check_expert_type, make_ffn, mix_stacked, scaled
 from pad_moe.pad.protocol import PadMaskMixin
 
 MODES = ("static", "moe", "pad")

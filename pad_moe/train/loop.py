@@ -297,7 +297,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         state.save_checkpoint(engine, cfg, total_steps, rank, world, record, losses)
     summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
                "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
-               "seed": cfg.train.seed, "task": cfg.data.task, "wall_time_s": time.time() - t0, "partition": record, "dynamics": dynamics,
+               "seed": cfg.train.seed, "task": cfg.data.task, "wall_time_s": time.time() - t0, "partition": record,
+               "dynamics": dynamics,
                **count_live(job.model, cfg.moe.ep_size)}
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "summary.json.tmp"), "w") as f:
