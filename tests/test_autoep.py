@@ -193,6 +193,62 @@ def test_imp_on_autoep_pad_layers_two_ranks_match_one_process(scorer):
         assert agree > 0.995, (name, agree)  # fp32 sums in another order may swap entries tied at the threshold
 
 
+def _family(name):
+    import transformers as T
+
+    small = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts_per_tok=2, max_position_embeddings=64, router_aux_loss_coef=0.0)
+    if name == "qwen2_moe":  # with a shared expert (dense, gated by its own sigmoid gate)
+        return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(intermediate_size=F, moe_intermediate_size=24, num_experts=E,
+                                                      shared_expert_intermediate_size=40, **small))
+    if name == "qwen3_moe":
+        return T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(intermediate_size=F, moe_intermediate_size=24, num_experts=E,
+                                                      head_dim=8, **small))
+    if name == "olmoe":
+        return T.OlmoeForCausalLM(T.OlmoeConfig(intermediate_size=24, num_experts=E, **small))
+    raise AssertionError(name)
+
+
+def _families_at_all_ones(rank, world, names):
+    import deepspeed
+
+    from pad_moe.moe.autoep import autoep_section, pad_autoep_layers, pad_autoep_modules
+
+    out = {}
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    for name in names:
+        torch.manual_seed(0)
+        model = _family(name).eval()
+        expected = model(ids).logits
+        config = _ds_config(2, 1)
+        config["expert_parallel"] = autoep_section(model, 1)
+        with pad_autoep_layers():
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        layers = pad_autoep_modules(engine.module)
+        out[name] = (len(layers), (engine.module.eval()(ids).logits - expected).abs().max().item(),
+                     layers[0][1].shared_experts is not None)
+    return out
+
+
+def test_hf_moe_families_import_exactly_at_all_ones():
+    """Qwen2-MoE (shared expert kept dense), Qwen3-MoE and OLMoE through AutoEP into PAD layers: the original logits."""
+    found = run_ranks(_families_at_all_ones, 1, ["qwen2_moe", "qwen3_moe", "olmoe"])[0]
+    for name, (layers, err, shared) in found.items():
+        assert layers == 2 and err < 1e-5, (name, layers, err)
+        assert shared == (name == "qwen2_moe"), name
+
+
+def test_autoep_section_refuses_families_it_cannot_convert():
+    from transformers import BertConfig, BertModel
+
+    from pad_moe.moe.autoep import autoep_section
+
+    with pytest.raises(ValueError, match="model_type='bert' is not an HF MoE family"):
+        autoep_section(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                            intermediate_size=48)), 1)
+    assert autoep_section(_mixtral(), 2)["preset_model"] == "mixtral"
+
+
 def test_output_recorder_shim_answers_both_apis_and_restores():
     from transformers import MixtralConfig, MixtralForCausalLM
     from transformers.utils import output_capturing

@@ -33,6 +33,9 @@ from torch import nn
 from pad_moe.moe.ffn import mix_stacked, scaled
 from pad_moe.pad.protocol import PadMaskMixin
 
+# HF model_type -> the AutoEP preset that converts it exactly (checked at all-ones masks in tests/test_autoep.py).
+AUTOEP_PRESETS = {"mixtral": "mixtral", "qwen2_moe": "qwen3_moe", "qwen3_moe": "qwen3_moe", "olmoe": "qwen3_moe"}
+
 # AutoEP's grouped weights and the glu FFN weight names the PAD mask machinery (granularities) knows them by.
 GROUPED_TO_GLU = {"w1": "gate_proj.weight", "w3": "up_proj.weight", "w2": "down_proj.weight"}
 STATIC_INITS = ("mean", "first")
@@ -129,6 +132,19 @@ def pad_autoep_layers(options: PadAutoEPOptions | None = None) -> Iterator[type]
             yield layer_class
     finally:
         auto_ep_layer.AutoEPMoELayer = original
+
+
+def autoep_section(model: nn.Module, ep_size: int) -> dict:
+    """The DeepSpeed config's ``expert_parallel`` section for an HF MoE model of a family in ``AUTOEP_PRESETS``
+    (no load-balancing bias: PAD keeps the checkpoint's router as it is); ValueError naming the family otherwise."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in AUTOEP_PRESETS:
+        raise ValueError(f"model_type={family!r} is not an HF MoE family pad_moe converts through AutoEP; supported: "
+                         f"{', '.join(AUTOEP_PRESETS)}")
+    if ep_size < 1:
+        raise ValueError(f"ep_size={ep_size} must be at least 1")
+    return {"enabled": True, "autoep_size": ep_size, "preset_model": AUTOEP_PRESETS[family],
+            "load_balance_coeff": None}
 
 
 def pad_autoep_modules(model: nn.Module) -> list[tuple[str, PadAutoEPLayer]]:
