@@ -112,8 +112,8 @@ def build_ds_config(cfg: RunConfig, world: int, total_steps: int) -> dict[str, A
     if t.zero_stage is not None:
         zero["stage"] = t.zero_stage
     if cfg.model.arch != "vision" and cfg.moe.mode != "static" and zero.get("stage", 0) > 2:
-        raise UsageError(f"ZeRO stage {zero['stage']} does not support DeepSpeed MoE; set train.zero_stage to 0, 1 "
-                         "or 2")
+        raise UsageError(f"ZeRO stage {zero['stage']} does not support DeepSpeed's native MoE layers; set "
+                         "train.zero_stage to 0, 1 or 2 (ZeRO-3 MoE: HF MoE models through pad_moe.moe.autoep)")
     if t.dtype == "fp16" and not torch.cuda.is_available():
         raise UsageError("train.dtype=fp16 needs a GPU; use bf16 or fp32 on CPU")
     ds["bf16"] = {"enabled": t.dtype == "bf16"}

@@ -95,7 +95,7 @@ def test_bad_files_raise_naming_the_path(tmp_path):
     batch.write_text(json.dumps({"train_batch_size": 8, "zero_optimization": {"stage": 1}}))
     with pytest.raises(UsageError, match="train_batch_size"):
         build_ds_config(load_config(None, [f"train.ds_config={batch}"]), 1, 10)
-    with pytest.raises(UsageError, match="ZeRO stage 3 does not support DeepSpeed MoE"):
+    with pytest.raises(UsageError, match="ZeRO stage 3 does not support DeepSpeed.s native MoE layers"):
         build_ds_config(load_config(None, ["train.zero_stage=3"]), 1, 10)
 
 
