@@ -68,7 +68,9 @@ class MoEConfig:
     scale_mode: str = "both"
     """Scale factors λs, λd: none | static | dynamic | both (λs+λd=2) | unconstrained (paper Table 4)."""
     compact: bool = False
-    """After partition, compact neuron-granularity layers (static units once per token)."""
+    """After partition, compact neuron-granularity layers (static units once per token). With
+    partition.warmup_steps > 0 the layers shrink in place after the warm-up partition and the engine is rebuilt, the
+    optimizer state of the kept entries carried over (ZeRO 1/2, or ZeRO 0 in fp32)."""
     every: int = 1
     """Replace every N-th FFN block (1: all, 2: every other, as in Switch)."""
     aux_loss_coef: float = 0.01
@@ -462,9 +464,9 @@ class RunConfig:
         if self.moe.k > 2 and self.moe.dispatch != "dropless":
             raise ValueError(f"moe.k={self.moe.k} > 2 needs moe.dispatch=dropless (DeepSpeed's capacity gate and the "
                              f"deploy router take k = 1 or 2; this run resolved to dispatch={self.moe.dispatch})")
-        if self.moe.compact and self.partition.warmup_steps:
-            raise ValueError(f"moe.compact=true needs the partition before training (partition.warmup_steps=0, got "
-                             f"{self.partition.warmup_steps}): a compacted layer changes shape, the engine cannot")
+        if self.moe.compact and self.moe.mode != "pad":
+            raise ValueError(f"moe.compact=true compacts PAD layers; moe.mode={self.moe.mode} has none (set moe.mode=pad "
+                             "or moe.compact=false)")
         if not self.name or os.sep in self.name:
             raise ValueError(f"name={self.name!r} must be a non-empty name without '{os.sep}'")
 

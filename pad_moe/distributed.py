@@ -272,3 +272,108 @@ def use_weights_only_checkpoints(engine) -> None:
             return weights_only_load(path, map_location)
 
     current.__class__ = WeightsOnlyCheckpointEngine
+
+
+def check_rebuildable(ds: dict[str, Any], cfg: RunConfig) -> None:
+    """Before anything is created: the engine can be rebuilt mid-run only where optimizer_snapshot can read it."""
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage in (1, 2) or (stage == 0 and cfg.train.dtype == "fp32"):
+        return
+    raise UsageError(f"moe.compact=true with partition.warmup_steps={cfg.partition.warmup_steps} rebuilds the engine "
+                     f"after the warm-up partition, which needs ZeRO 1 or 2 (or ZeRO 0 in fp32); this run has ZeRO "
+                     f"{stage} with train.dtype={cfg.train.dtype}: set train.zero_stage=2")
+
+
+# -- rebuilding the engine around a changed model (in-place compaction after warm-up) -----------------------------
+def optimizer_snapshot(engine) -> dict[str, Any]:
+    """Every trainable parameter's full fp32 master and optimizer-state tensors, by name, plus each optimizer group's
+    scalar state (Adam's step) and the engine's counters: what ``restore_optimizer`` puts into a new engine. ZeRO 1/2
+    (gathered over each parameter's data-parallel group: call on every rank) or ZeRO 0 in fp32."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt, zero = engine.optimizer, engine.zero_optimization_stage()
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    if zero in (1, 2):
+        inner = opt.optimizer
+        flats = opt.single_partition_of_fp32_groups
+        keys = [sorted(k for k, v in inner.state.get(f, {}).items() if torch.is_tensor(v) and v.shape == f.shape)
+                for f in flats]
+        scalars = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in inner.state.get(f, {}).items()
+                    if k not in keys[i]} for i, f in enumerate(flats)]
+        # DeepSpeed links the parameters' optimizer-state fragments once, possibly before the first step made the
+        # state: link them again now that it exists.
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+        for i, group in enumerate(opt.bit16_groups):
+            for p in group:
+                entry = {"fp32": safe_get_full_fp32_param(p).detach().clone()}
+                entry.update({k: safe_get_full_optimizer_state(p, k).detach().clone() for k in keys[i]})
+                params[id(p)] = entry
+    elif zero == 0 and isinstance(opt, torch.optim.Optimizer) and all(
+            p.dtype == torch.float32 for g in opt.param_groups for p in g["params"]):
+        scalars = []
+        for group in opt.param_groups:
+            state = opt.state.get(group["params"][0], {}) if group["params"] else {}
+            scalars.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()
+                            if not (torch.is_tensor(v) and v.dim() > 0)})
+            for p in group["params"]:
+                entry = {"fp32": p.detach().clone()}
+                entry.update({k: v.detach().clone() for k, v in opt.state.get(p, {}).items()
+                              if torch.is_tensor(v) and v.shape == p.shape})
+                params[id(p)] = entry
+    else:
+        raise UsageError(f"rebuilding the engine (moe.compact after partition.warmup_steps) needs ZeRO 1 or 2, or ZeRO 0 "
+                         f"in fp32; this run has ZeRO {zero} with {type(opt).__name__}: set train.zero_stage=2")
+    by_name = {name: params[id(p)] for name, p in engine.module.named_parameters() if id(p) in params}
+    lr = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    group_lrs = [g["lr"] for g in engine.optimizer.param_groups]  # set by the last scheduler step
+    return {"params": by_name, "group_scalars": scalars, "lr_scheduler": lr, "group_lrs": group_lrs,
+            "counters": {k: getattr(engine, k) for k in ("global_steps", "global_samples", "skipped_steps",
+                                                          "micro_steps")}}
+
+
+def restore_optimizer(engine, snapshot: dict[str, Any], select) -> None:
+    """Put ``snapshot`` into a freshly built engine whose parameters may be narrower: ``select(name, param, tensor)``
+    maps a snapshot tensor onto the new parameter (identity, or the kept units of a compacted one)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    opt, zero = engine.optimizer, engine.zero_optimization_stage()
+    saved = snapshot["params"]
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    missing = [n for n, _ in named if n not in saved]
+    if missing:
+        raise RuntimeError(f"rebuilt engine: no saved optimizer state for {missing[:3]}")
+    if zero in (1, 2):
+        inner, flats = opt.optimizer, opt.single_partition_of_fp32_groups
+        if len(flats) != len(snapshot["group_scalars"]):
+            raise RuntimeError(f"rebuilt engine has {len(flats)} optimizer groups, the old one "
+                               f"{len(snapshot['group_scalars'])}")
+        keys = sorted({k for entry in saved.values() for k in entry if k != "fp32"})
+        for flat, scalars in zip(flats, snapshot["group_scalars"]):  # Adam's state exists only after a step: make it
+            inner.state[flat] = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()},
+                                 **{k: torch.zeros_like(flat) for k in keys}}
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+        for name, p in named:
+            for key, value in saved[name].items():
+                value = select(name, p, value).to(p.device)
+                if key == "fp32":
+                    safe_set_full_fp32_param(p, value)
+                else:
+                    safe_set_full_optimizer_state(p, value, key)
+    else:
+        for group, scalars in zip(opt.param_groups, snapshot["group_scalars"]):
+            for p in group["params"]:
+                name = next(n for n, q in named if q is p)
+                entry = {k: select(name, p, v).to(p.device) for k, v in saved[name].items()}
+                with torch.no_grad():
+                    p.copy_(entry.pop("fp32"))
+                if entry:
+                    opt.state[p] = {**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in scalars.items()},
+                                    **entry}
+    if snapshot["lr_scheduler"] is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(snapshot["lr_scheduler"])
+    for group, lr in zip(engine.optimizer.param_groups, snapshot["group_lrs"]):
+        group["lr"] = lr
+    for key, value in snapshot["counters"].items():
+        setattr(engine, key, value)

@@ -449,7 +449,14 @@ def _narrow_ffn(ffn: nn.Module, units: torch.Tensor, keep_fc2_bias: bool) -> nn.
         dst.weight.copy_(src.weight[:, units])
         if keep_fc2_bias and src.bias is not None:
             dst.bias.copy_(src.bias)
-    return out.to(first.weight.device, first.weight.dtype)
+    out = out.to(first.weight.device, first.weight.dtype)
+    # Where each narrowed parameter came from (dim, kept units): an engine rebuilt after an in-place compaction takes
+    # the kept entries of the optimizer state with it (pad_moe.train.compaction).
+    for name in inputs:
+        for param in getattr(out, name).parameters():
+            param._compacted_from = (0, units)
+    getattr(out, output).weight._compacted_from = (1, units)
+    return out
 
 
 def _check_dense_pair(fc1: nn.Linear, fc2: nn.Linear) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from pad_moe.config import RunConfig
 from pad_moe.pad.mixing import as_float
 from pad_moe.pad.protocol import pad_modules
 from pad_moe.train import state
+from pad_moe.train.compaction import compact_and_rebuild, compact_model_
 from pad_moe.train.job import Batch, Job, build_job
 
 
@@ -206,6 +207,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     eval_every = cfg.train.eval_every or steps_per_epoch  # default: every epoch (and always at the end)
     ds = D.build_ds_config(cfg, world, total_steps)
     D.check_ds_config(ds, cfg.train.ds_config)
+    if is_pad and cfg.moe.compact and cfg.partition.warmup_steps:
+        D.check_rebuildable(ds, cfg)
     if point is not None and point.step > total_steps:
         raise D.UsageError(f"--resume: the newest checkpoint is at step {point.step}, past this run's {total_steps} "
                            "steps; resume with train.steps >= its step")
@@ -222,7 +225,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None  # a failed peer: unwind, clean up
     try:
-        engine, record = _start(job, cfg, batches, world, total_steps, ds, resume, rank)
+        engine, record = _start(job, cfg, batches, world, total_steps, ds, resume, rank,
+                                resume_step=point.step if point is not None else None)
         start_step, losses = 0, []
         if point is not None:
             client = state.load_checkpoint(engine, cfg.run_dir, point, rank)
@@ -257,6 +261,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         if is_pad and cfg.partition.enabled and record is None and step == cfg.partition.warmup_steps:
             record = run_partition(job, cfg, batches, engine)
             state.save_run_partition(cfg.run_dir, job.model, record, rank)
+            if cfg.moe.compact:  # from here on step time and memory follow κ
+                engine = compact_and_rebuild(engine, job.model, cfg, world, total_steps, ds)
             if monitor is not None:
                 monitor.write_events([(f"partition/churn/round{i}", c, step)
                                       for i, c in enumerate(record.get("churn_per_round", []))])
@@ -317,8 +323,9 @@ class TrainingError(ValueError):
 
 
 def _start(job: Job, cfg: RunConfig, batches: MicroBatches, world: int, total_steps: int, ds: dict, resume: bool,
-           rank: int):
-    """Partition before training (when it runs before the first step), compact, and build the engine."""
+           rank: int, resume_step: int | None = None):
+    """Partition before training (when it runs before the first step), compact, and build the engine. A resume past
+    a warm-up partition with moe.compact compacts to the run's saved partition first: its checkpoints are compact."""
     record = None
     job.model.to(D.device())
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # per-rank stream for dropout and gate noise
@@ -328,9 +335,11 @@ def _start(job: Job, cfg: RunConfig, batches: MicroBatches, world: int, total_st
         else:
             record = run_partition(job, cfg, batches)
             state.save_run_partition(cfg.run_dir, job.model, record, rank)
-    if cfg.moe.compact:
-        for _, module in pad_modules(job.model):
-            module.compact_()
+    warm = cfg.partition.warmup_steps
+    if cfg.moe.compact and warm and resume_step is not None and resume_step > warm:
+        record = state.load_run_partition(cfg.run_dir, job.model)
+    if cfg.moe.compact and (not warm or record is not None):
+        compact_model_(job.model)
     engine, _ = D.initialize_engine(job.model, cfg, world, total_steps, ds)
     engine.train()  # from_pretrained returns models in eval mode: dropout would stay off until the first evaluation
     return engine, record
