@@ -274,6 +274,39 @@ def use_weights_only_checkpoints(engine) -> None:
     current.__class__ = WeightsOnlyCheckpointEngine
 
 
+def memory_report(engine) -> dict[str, int]:
+    """This rank's model-state bytes (parameters, fp32 master partitions, optimizer state, gradient partitions) of the
+    engine as it is now, and the process's resident memory now and at its peak (Linux; 0 elsewhere)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t) and t.data_ptr() not in seen and t.numel():
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for p in engine.module.parameters():
+        add(p)
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    for flat in getattr(opt, "single_partition_of_fp32_groups", []):
+        add(flat)
+        add(getattr(flat, "grad", None))
+    for state in getattr(inner, "state", {}).values():
+        for value in state.values():
+            add(value)
+    rss = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in rss:
+                    rss[key] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"state_bytes": total, "rss_bytes": rss["VmRSS"], "rss_peak_bytes": rss["VmHWM"]}
+
+
 def check_rebuildable(ds: dict[str, Any], cfg: RunConfig) -> None:
     """Before anything is created: the engine can be rebuilt mid-run only where optimizer_snapshot can read it."""
     stage = ds.get("zero_optimization", {}).get("stage", 0)
@@ -306,8 +339,9 @@ def optimizer_snapshot(engine) -> dict[str, Any]:
         opt._lazy_init_hp_params_optimizer_state()
         for i, group in enumerate(opt.bit16_groups):
             for p in group:
-                entry = {"fp32": safe_get_full_fp32_param(p).detach().clone()}
-                entry.update({k: safe_get_full_optimizer_state(p, k).detach().clone() for k in keys[i]})
+                # on the host: the device holds no second copy of the model state while the new engine is built
+                entry = {"fp32": safe_get_full_fp32_param(p).detach().to("cpu", copy=True)}
+                entry.update({k: safe_get_full_optimizer_state(p, k).detach().to("cpu", copy=True) for k in keys[i]})
                 params[id(p)] = entry
     elif zero == 0 and isinstance(opt, torch.optim.Optimizer) and all(
             p.dtype == torch.float32 for g in opt.param_groups for p in g["params"]):
@@ -317,8 +351,8 @@ def optimizer_snapshot(engine) -> dict[str, Any]:
             scalars.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()
                             if not (torch.is_tensor(v) and v.dim() > 0)})
             for p in group["params"]:
-                entry = {"fp32": p.detach().clone()}
-                entry.update({k: v.detach().clone() for k, v in opt.state.get(p, {}).items()
+                entry = {"fp32": p.detach().to("cpu", copy=True)}
+                entry.update({k: v.detach().to("cpu", copy=True) for k, v in opt.state.get(p, {}).items()
                               if torch.is_tensor(v) and v.shape == p.shape})
                 params[id(p)] = entry
     else:

@@ -107,3 +107,18 @@ def test_parse_bytes():
     assert parse_bytes("1024") == 1024 and parse_bytes("1.5MiB") == 1.5 * 2**20
     with pytest.raises(PlanError):
         parse_bytes("-3")
+
+
+def test_compact_after_warmup_plans_both_phases():
+    """Upcycling with in-place compaction: the warm-up phase is the full PAD run, the phase after it the compacted
+    one (below the MoE's memory at κ=0.5, as BENCHMARKS.md's Switch-Base-128 figures)."""
+    base = dict(preset="switch-base-128", kappa=0.5, nodes=4, gpus_per_node=8, ep=32, zero=2, dtype="bf16")
+    two = plan(PlanRequest(**base, compact_after_warmup=True))
+    full, compacted = plan(PlanRequest(**base)), plan(PlanRequest(**base, compact=True))
+    moe = plan(PlanRequest(**base, mode="moe"))
+    assert two["bytes_per_rank"] == full["bytes_per_rank"]
+    assert two["after_compaction"]["bytes_per_rank"] == compacted["bytes_per_rank"]
+    assert compacted["bytes_per_rank"]["peak"] < moe["bytes_per_rank"]["peak"] < full["bytes_per_rank"]["peak"]
+    for bad in ({"mode": "moe"}, {"compact": True}):
+        with pytest.raises(PlanError, match="--compact-after-warmup applies to --mode pad without --compact"):
+            plan(PlanRequest(**{**base, **bad}, compact_after_warmup=True))

@@ -17,7 +17,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 from pad_moe.errors import UsageError, finite_float
@@ -70,6 +70,8 @@ class PlanRequest:
     dropout: bool = True
     compact: bool = False
     """Neuron-granularity PAD compacted before training: experts keep κ·F hidden units, the static FFN the rest."""
+    compact_after_warmup: bool = False
+    """Upcycling: fully dynamic PAD during the warm-up, compacted in place after its partition (two phases)."""
     reduce_bucket: int = 50_000_000
     """DeepSpeed reduce_bucket_size (elements): ZeRO-2's gradient bucket."""
     optimizer: str = "fused"
@@ -113,6 +115,9 @@ class PlanRequest:
                             f"divisor of {arch.num_experts}")
         if self.compact and self.mode != "pad":
             raise PlanError(f"--compact applies to --mode pad, not --mode {self.mode}")
+        if self.compact_after_warmup and (self.mode != "pad" or self.compact):
+            raise PlanError("--compact-after-warmup applies to --mode pad without --compact (the warm-up phase "
+                            "trains at full size, the compacted phase follows κ)")
         if self.optimizer not in OPTIMIZERS:
             raise PlanError(f"--optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         if not 0 < self.capacity_factor < math.inf:
@@ -130,7 +135,28 @@ def _round_units(kappa: float, f: int) -> int:
 
 
 def plan(req: PlanRequest) -> dict:
-    """The per-rank plan of ``req`` as a dict of byte counts (raises PlanError on bad input)."""
+    """The per-rank plan of ``req`` as a dict of byte counts (raises PlanError on bad input). With
+    ``compact_after_warmup`` the figures are the warm-up phase's (the peak) and ``after_compaction`` holds the
+    compacted phase's."""
+    if req.compact_after_warmup:
+        req.validate(req.arch or _arch_or_error(req.preset))
+        warm = _plan(replace(req, compact_after_warmup=False))
+        after = _plan(replace(req, compact=True, compact_after_warmup=False))
+        warm["request"]["compact_after_warmup"] = True
+        warm["after_compaction"] = {"params": after["params"], "bytes_per_rank": after["bytes_per_rank"],
+                                    "fits": after["fits"]}
+        return warm
+    return _plan(req)
+
+
+def _arch_or_error(preset: str):
+    try:
+        return get_arch(preset)
+    except ValueError:
+        raise PlanError(f"preset {preset!r} does not exist; use one of {', '.join(switch_names())}") from None
+
+
+def _plan(req: PlanRequest) -> dict:
     try:
         arch = req.arch or get_arch(req.preset)
     except ValueError:
@@ -272,6 +298,12 @@ def format_plan(res: dict) -> str:
     lines.append(f"  gradient reduce per step     {_gib(c['grad_reduce_non_expert_bytes'] + c['grad_reduce_expert_bytes'])}")
     if res["fits"] is not None:
         lines.append(f"  fits in {r['gpu_mem'] / GIB:.1f} GiB: {'yes' if res['fits'] else 'NO'}")
+    if "after_compaction" in res:
+        a, pa = res["after_compaction"]["bytes_per_rank"], res["after_compaction"]["params"]
+        lines.append(f"  after the warm-up partition, compacted in place (expert {pa['expert_per_rank'] / 1e6:.1f}M, "
+                     f"non-expert {pa['non_expert_per_rank'] / 1e6:.1f}M per rank):")
+        for key in ("weights", "optimizer_states", "activations", "persistent", "peak"):
+            lines.append(f"    {key:26s}{_gib(a[key])}")
     return "\n".join(lines)
 
 
@@ -296,6 +328,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--min-capacity", type=int, default=4)
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--compact", action="store_true", help="neuron-granularity PAD compacted before training")
+    p.add_argument("--compact-after-warmup", action="store_true",
+                   help="upcycling: full size during the warm-up, compacted in place after its partition")
     p.add_argument("--experts", type=int, default=None, help="override the preset's number of experts")
     p.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB; 'none' skips the fit check")
     p.add_argument("--overhead", default="0", help="fixed bytes per rank to add (CUDA context, NCCL), e.g. 2GiB")
@@ -319,6 +353,7 @@ def _plan_command(args) -> int:
                       target_seq=args.target_seq, mode=args.mode, grad_accum=args.grad_accum,
                       capacity_factor=args.capacity_factor, min_capacity=args.min_capacity,
                       dropout=not args.no_dropout, compact=args.compact,
+                      compact_after_warmup=args.compact_after_warmup,
                       experts=args.experts, optimizer=args.optimizer, reduce_bucket=int(args.reduce_bucket),
                       gpu_mem=None if str(args.gpu_mem).lower() == "none" else parse_bytes(args.gpu_mem),
                       overhead=parse_bytes(args.overhead, "--overhead"))

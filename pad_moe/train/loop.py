@@ -252,6 +252,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=cfg.name, dynamic_ncols=True)
     accum = cfg.train.grad_accum
     stream = batches.iterate(start_step * accum)
+    step_seconds: list[float] = []  # the steps this process ran (a resumed run: from its start step)
     window = {"loss": 0.0, "task": 0.0, "aux": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
     loads: list[torch.Tensor] = []
     on_step = job.extras.get("on_step")  # e.g. the DY-Conv temperature, set per optimizer step
@@ -266,6 +267,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             if monitor is not None:
                 monitor.write_events([(f"partition/churn/round{i}", c, step)
                                       for i, c in enumerate(record.get("churn_per_round", []))])
+        t_step = time.perf_counter()
         for _ in range(accum):
             batch = _to_device(next(stream), engine.device)
             loss, task, aux = _loss(job, engine, batch, cfg.moe.aux_loss_coef)
@@ -280,6 +282,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             new = expert_loads(job.model)
             loads = new if not loads else [a + b for a, b in zip(loads, new)]
         window["n"] += 1
+        step_seconds.append(round(time.perf_counter() - t_step, 5))  # this rank's forward+backward+step
         losses.append(_global_mean(loss.detach(), world))
         if not math.isfinite(losses[-1]):
             bar.close()
@@ -304,7 +307,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
                "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
                "seed": cfg.train.seed, "task": cfg.data.task, "wall_time_s": time.time() - t0, "partition": record,
-               "dynamics": dynamics,
+               "dynamics": dynamics, "step_seconds": step_seconds, "memory": D.memory_report(engine),
                **count_live(job.model, cfg.moe.ep_size)}
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "summary.json.tmp"), "w") as f:
