@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps <= args.warmup + 2:
         raise SystemExit(f"--steps={args.steps} must exceed --warmup={args.warmup} by at least 3")
+    taken = [n for n in args.variants if os.path.exists(os.path.join(args.out, f"bench-{n}"))]
+    if taken:
+        raise SystemExit(f"--out={args.out} already holds runs of {', '.join(taken)}; pass a new --out")
     common = [f"train.steps={args.steps}", f"partition.warmup_steps={args.warmup}", f"partition.kappa={args.kappa}",
               "data.max_eval=64", "train.eval_every=0", f"output_dir={args.out}", *args.overrides]
     rows = {}

@@ -58,4 +58,18 @@ def compact_and_rebuild(engine, model: torch.nn.Module, cfg, world: int, total_s
     torch.set_rng_state(rng[0])  # building an engine draws random numbers: dropout goes on as without the rebuild
     if rng[1] is not None:
         torch.cuda.set_rng_state_all(rng[1])
+    del snapshot
+    _release_freed_host_memory()
     return rebuilt
+
+
+def _release_freed_host_memory() -> None:
+    """Hand the full-size state freed by the rebuild back to the OS (glibc keeps freed heap otherwise)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
