@@ -35,14 +35,21 @@ def _ds_config(stage: int, ep: int, micro: int = 2):
                                 "load_balance_coeff": None}}
 
 
-def _initialize(model, stage, ep, micro=2, options=None):
+def _initialize(model, stage, ep, micro=2, options=None, universal=False, masked=False):
+    """The engine over ``model`` with AutoEP PAD layers; ``masked``: the same random masks (seed 4) on every run."""
     import deepspeed
 
-    from pad_moe.moe.autoep import pad_autoep_layers
+    from pad_moe.moe.autoep import pad_autoep_layers, pad_autoep_modules
 
+    config = _ds_config(stage, ep, micro)
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
     with pad_autoep_layers(options):
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                          config=_ds_config(stage, ep, micro))
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    if masked:
+        g = torch.Generator().manual_seed(4)
+        for _, layer in pad_autoep_modules(engine.module):
+            layer.set_masks({k: torch.rand(v.shape, generator=g) < 0.5 for k, v in layer.masks().items()})
     return engine
 
 
@@ -128,10 +135,7 @@ def _train_two_stages(rank, world):
 
     results = {}
     for stage in (2, 3):
-        engine = _initialize(_mixtral(), stage=stage, ep=world)
-        g = torch.Generator().manual_seed(4)
-        for _, layer in pad_autoep_modules(engine.module):
-            layer.set_masks({k: torch.rand(v.shape, generator=g) < 0.5 for k, v in layer.masks().items()})
+        engine = _initialize(_mixtral(), stage=stage, ep=world, masked=True)
         results[stage] = _losses(engine, rank, world)
         first = pad_autoep_modules(engine.module)[0][1]
         results[f"local_experts_{stage}"] = first.num_local_experts
@@ -141,12 +145,8 @@ def _train_two_stages(rank, world):
 
 def _reference(rank, world, ranks):
     """One process, ep 1, the global batch: the mean of the ranks' losses, if the ranks' gradients average right."""
-    from pad_moe.moe.autoep import pad_autoep_modules
 
-    engine = _initialize(_mixtral(), stage=0, ep=1, micro=2 * ranks)
-    g = torch.Generator().manual_seed(4)
-    for _, layer in pad_autoep_modules(engine.module):
-        layer.set_masks({k: torch.rand(v.shape, generator=g) < 0.5 for k, v in layer.masks().items()})
+    engine = _initialize(_mixtral(), stage=0, ep=1, micro=2 * ranks, masked=True)
     return _losses(engine, 0, 1, micro=2 * ranks)
 
 
@@ -281,20 +281,7 @@ def test_bad_options_are_refused():
 
 
 def _masked_engine(stage, ep, micro, universal=False):
-    import deepspeed
-
-    from pad_moe.moe.autoep import pad_autoep_layers, pad_autoep_modules
-
-    config = _ds_config(stage, ep, micro)
-    if universal:
-        config["checkpoint"] = {"load_universal": True}
-    model = _mixtral()
-    with pad_autoep_layers():
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    g = torch.Generator().manual_seed(4)
-    for _, layer in pad_autoep_modules(engine.module):
-        layer.set_masks({k: torch.rand(v.shape, generator=g) < 0.5 for k, v in layer.masks().items()})
-    return engine
+    return _initialize(_mixtral(), stage, ep, micro, universal=universal, masked=True)
 
 
 def _save_then_continue(rank, world, ckpt):

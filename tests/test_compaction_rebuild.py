@@ -73,3 +73,37 @@ def test_rebuild_needs_a_readable_optimizer(tmp_path):
     assert proc.returncode == 2
     assert "needs ZeRO 1 or 2 (or ZeRO 0 in fp32); this run has ZeRO 0 with train.dtype=bf16" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+DROPLESS = ("moe.dispatch=dropless", "moe.drop_tokens=false", "moe.second_expert_sampling=false",
+            "moe.aux_loss_coef=0")  # no aux loss: its per-rank token statistics differ between layouts
+
+
+@pytest.mark.slow
+def test_dropless_run_resharded_from_ep2_resumes_as_the_uninterrupted_run(tmp_path):
+    """A dropless PAD run checkpointed at ep 2 on 2 ranks, resharded (padmoe reshard) to ep 1 on one process and to
+    ep 4 on 4 ranks, continues with the uninterrupted run's losses (same global batches: micro-batch scaled)."""
+    from pad_moe.deploy.reshard import reshard_main
+
+    common = ["configs/debug.yaml", f"output_dir={tmp_path}", "train.steps=8", "train.checkpoint_every=4",
+              "train.keep_checkpoints=0", "train.log_every=100", "train.eval_every=100", *DROPLESS]
+
+    def launch(args, ranks):
+        argv = ([sys.executable, "-m", "pad_moe", "train"] if ranks == 1 else
+                [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+                 str(free_port()), "--module", "pad_moe.cli", "train"]) + args
+        proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch([*common, "name=ref"], 2)
+    reference = summary(tmp_path / "ref")["losses"]
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "ref", cut)
+    cut_back_to(cut, 4)
+    for ep, world in ((1, 1), (4, 4)):
+        out = tmp_path / f"ep{ep}"
+        assert reshard_main([str(cut), "--ep", str(ep), "--world", str(world), "--out", str(out)]) == 0
+        launch([str(out / "config.yaml"), "train.steps=8", "--resume"], world)
+        got = summary(out)
+        assert (got["start_step"], got["world_size"]) == (4, world)
+        assert got["losses"][4:] == pytest.approx(reference[4:], rel=2e-5, abs=1e-6), (ep, got["losses"], reference)

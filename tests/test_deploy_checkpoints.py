@@ -115,6 +115,7 @@ def test_reshard_2_to_1_to_2_then_training_continues(runs, capsys):
     assert reshard_main([str(src), "--ep", "1", "--world", "1", "--out", str(one)]) == 0
     assert reshard_main([str(one), "--ep", "2", "--world", "2", "--out", str(two)]) == 0
     a, b = read_checkpoint(str(src)), read_checkpoint(str(one))
+    assert b.cfg.train.micro_batch_size == 2 * a.cfg.train.micro_batch_size  # the same global batches
     assert (b.world_size, b.ep_size, b.step, b.meta["lr_scheduler"]) == (1, 1, 6, a.meta["lr_scheduler"])
     assert all(torch.equal(a.state[k], b.state[k]) for k in a.state) and set(a.state) == set(b.state)
     oa, ob = read_optimizer_state(a), read_optimizer_state(b)
@@ -174,6 +175,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(runs, tmp_path, caps
     shard.write_bytes(b"not a checkpoint")
     _expect_error(capsys, [str(run), "--ep", "1", "--world", "1", "--out", out], reshard_main, "corrupt", out)
     _expect_error(capsys, [str(run), "--ep", "3", "--world", "3", "--out", out], reshard_main, "--ep 3", out)
+    _expect_error(capsys, [str(run), "--ep", "1", "--world", "3", "--out", out], reshard_main,
+                  "--world 3 does not divide the run's global micro-batch of 32 examples", out)
 
     existing = tmp_path / "existing"
     assert export_main([str(runs["el"]), "--out", str(existing), "--no-verify"]) == 0

@@ -13,9 +13,9 @@ learning-rate schedule; no trainer change is needed.
 Carried over: weights (fp32 masters where the run trained in bf16/fp16), masks, φ, partition record and per-rank mask
 files, the client state (step, partition record), ``global_steps``, the LR scheduler, and the Adam moments and step of
 ZeRO-1/2 runs. Not carried: optimizer state of runs without ZeRO (stage 0; reported, weights only), RNG streams of ranks
-that did not exist before, and the data order (a global micro-batch has micro_batch_size × world examples, so with
-another world size the run continues from the same batch index but over different examples unless
-train.micro_batch_size is scaled by old_world / new_world).
+that did not exist before. The global micro-batch (micro_batch_size × world examples) is kept: the new config's
+train.micro_batch_size is old micro × old world / new world, so the run continues over the same examples in the same
+order; a world that does not divide the global micro-batch is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -62,6 +63,11 @@ def reshard(checkpoint_dir: str, ep: int, world: int, out: str, *, tag: Optional
     num_experts = ckpt.cfg.moe.num_experts
     if ckpt.cfg.moe.mode != "static" and num_experts % ep:
         raise UsageError(f"--ep {ep} does not divide moe.num_experts={num_experts}; choose a divisor of it")
+    global_micro = ckpt.cfg.train.micro_batch_size * ckpt.world_size
+    if global_micro % world:
+        raise UsageError(f"--world {world} does not divide the run's global micro-batch of {global_micro} examples "
+                         f"(train.micro_batch_size={ckpt.cfg.train.micro_batch_size} x {ckpt.world_size} ranks); "
+                         "choose a world size that divides it, so the run keeps its batches")
     opt = read_optimizer_state(ckpt) if optimizer else None
     why = None
     if opt is None:
@@ -70,6 +76,7 @@ def reshard(checkpoint_dir: str, ep: int, world: int, out: str, *, tag: Optional
                "rank; only ZeRO-1/2 state is resharded)")
     out_abs = writer.out
     cfg = with_ep_size(ckpt.cfg, ep, name=os.path.basename(out_abs), output_dir=os.path.dirname(out_abs))
+    cfg = replace(cfg, train=replace(cfg.train, micro_batch_size=global_micro // world))  # the same batches
     record = ckpt.record
     with writer as tmp:
         save_config(cfg, os.path.join(tmp, "config.yaml"))
@@ -92,6 +99,7 @@ def reshard(checkpoint_dir: str, ep: int, world: int, out: str, *, tag: Optional
         summary = {"source": ckpt.ref.tag_dir, "tag": ckpt.ref.tag, "step": ckpt.step,
                    "from": {"world_size": ckpt.world_size, "ep_size": ckpt.ep_size},
                    "to": {"world_size": world, "ep_size": ep},
+                   "micro_batch_size": {"from": ckpt.cfg.train.micro_batch_size, "to": cfg.train.micro_batch_size},
                    "optimizer": "resharded" if why is None else f"not carried: {why}",
                    "optimizer_keys": sorted({k for t in (opt.tensors.values() if opt else []) for k in t}),
                    "resume": f"deepspeed --num_gpus {world} -m pad_moe.cli train {out_abs}/config.yaml --resume"}
