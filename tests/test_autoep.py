@@ -176,7 +176,8 @@ def _imp(rank, world, scorer):
     return report.dynamic_per_round, masks  # lists: tensors through the result queue outlive their process
 
 
-@pytest.mark.parametrize("scorer", ["snip", pytest.param("magnitude", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~30 s each: three spawns
+@pytest.mark.parametrize("scorer", ["snip", "magnitude"])
 def test_imp_on_autoep_pad_layers_two_ranks_match_one_process(scorer):
     """IMP partitions AutoEP PAD layers like any PAD module; ep 2 over 2 ranks ≡ one process over the global batch."""
     def as_tensors(result):

@@ -48,13 +48,22 @@ def test_compacting_after_warmup_trains_as_the_uncompacted_run_and_resumes_exact
     assert compact["eval"][split]["accuracy"] == pytest.approx(full["eval"][split]["accuracy"], abs=1e-9)
     assert compact["params_training"] == compact["params_compact"] < full["params_training"]
     assert compact["params_compact"] == full["params_compact"]  # the same stored model
-    for cut in (2, 4):  # at the warm-up step (the partition has not run yet) and past the rebuild
-        run = tmp_path / f"cut{cut}"
-        shutil.copytree(tmp_path / "compact", run)
-        cut_back_to(run, cut)
-        train(tmp_path, f"cut{cut}", "train.checkpoint_every=1", "train.keep_checkpoints=0", "--resume")
-        assert summary(run)["losses"] == pytest.approx(compact["losses"], rel=1e-6, abs=1e-7), cut
-        assert summary(run)["params_training"] == compact["params_training"]
+    _resume_from(tmp_path, compact, 4)  # past the rebuild: the resume compacts to the saved partition first
+
+
+def _resume_from(tmp_path, compact, cut):
+    run = tmp_path / f"cut{cut}"
+    shutil.copytree(tmp_path / "compact", run)
+    cut_back_to(run, cut)
+    train(tmp_path, f"cut{cut}", "train.checkpoint_every=1", "train.keep_checkpoints=0", "--resume")
+    assert summary(run)["losses"] == pytest.approx(compact["losses"], rel=1e-6, abs=1e-7), cut
+    assert summary(run)["params_training"] == compact["params_training"]
+
+
+@pytest.mark.slow
+def test_a_resume_at_the_warmup_step_partitions_compacts_and_rebuilds_as_the_uninterrupted_run(tmp_path):
+    train(tmp_path, "compact", "train.checkpoint_every=1", "train.keep_checkpoints=0")
+    _resume_from(tmp_path, summary(tmp_path / "compact"), 2)  # the partition has not run yet at step 2
 
 
 @pytest.mark.slow
