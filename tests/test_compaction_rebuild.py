@@ -3,7 +3,6 @@ around the narrower layers and carries the kept entries' optimizer state, so the
 PAD run with the same masks does, at the compacted size; resumes before and after the rebuild are exact.
 One rank through the console path; 2 gloo ranks (expert parallel 2, ZeRO-2) under the deepspeed launcher."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,8 +10,8 @@ import sys
 
 import pytest
 
-from pad_moe.distributed import free_port
-from pad_moe.testing.runs import cut_back_to
+from pad_moe.testing.runs import cut_back_to, launch_train
+from pad_moe.testing.runs import read_summary as summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2"}
@@ -21,21 +20,8 @@ WARM = ("model.preset=debug-neuron", "partition.warmup_steps=2", "train.steps=6"
 
 
 def train(out, name, *extra, ranks=1):
-    args = ["train", "configs/debug.yaml", f"output_dir={out}", f"name={name}", *WARM,
-            *(["moe.ep_size=1"] if ranks == 1 else []), *extra]
-    if ranks == 1:
-        argv = [sys.executable, "-m", "pad_moe", *args]
-    else:
-        argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-                str(free_port()), "--module", "pad_moe.cli", *args]
-    proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def summary(run_dir):
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
+    return launch_train(["configs/debug.yaml", f"output_dir={out}", f"name={name}", *WARM,
+                         *(["moe.ep_size=1"] if ranks == 1 else []), *extra], ranks)
 
 
 def test_compacting_after_warmup_trains_as_the_uncompacted_run_and_resumes_exactly(tmp_path):
@@ -97,13 +83,7 @@ def test_dropless_run_resharded_from_ep2_resumes_as_the_uninterrupted_run(tmp_pa
     common = ["configs/debug.yaml", f"output_dir={tmp_path}", "train.steps=8", "train.checkpoint_every=4",
               "train.keep_checkpoints=0", "train.log_every=100", "train.eval_every=100", *DROPLESS]
 
-    def launch(args, ranks):
-        argv = ([sys.executable, "-m", "pad_moe", "train"] if ranks == 1 else
-                [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-                 str(free_port()), "--module", "pad_moe.cli", "train"]) + args
-        proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
+    launch = launch_train
     launch([*common, "name=ref"], 2)
     reference = summary(tmp_path / "ref")["losses"]
     cut = tmp_path / "cut"

@@ -2,31 +2,18 @@
 dropped static part), pruning through the trainer, a raised step count, and a finished run whose summary was lost.
 One rank, the console path (``python -m pad_moe train``)."""
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from pad_moe.testing.runs import cut_back_to
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2"}
+from pad_moe.testing.runs import cut_back_to, launch_train
+from pad_moe.testing.runs import read_summary as summary
 
 
 def train(out, name, *extra):
-    argv = [sys.executable, "-m", "pad_moe", "train", "configs/debug.yaml", f"output_dir={out}", f"name={name}",
-            "moe.ep_size=1", "train.steps=6", "train.log_every=100", "train.eval_every=100", *extra]
-    proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def summary(run_dir):
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        return json.load(f)
+    return launch_train(["configs/debug.yaml", f"output_dir={out}", f"name={name}", "moe.ep_size=1", "train.steps=6",
+                         "train.log_every=100", "train.eval_every=100", *extra], timeout=300)
 
 
 def same(run_dir, ref_dir):

@@ -17,3 +17,30 @@ def cut_back_to(run_dir, step: int) -> None:
             shutil.rmtree(os.path.join(ckpt, name))
     point_latest(ckpt, f"step{step}")
     os.remove(os.path.join(run_dir, "summary.json"))
+
+
+def read_summary(run_dir) -> dict:
+    import json
+
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def launch_train(args: list, ranks: int = 1, timeout: float = 600):
+    """``padmoe train ARGS`` from the repository root, on one process or under the deepspeed launcher with ``ranks``
+    CPU ranks; the completed process (an AssertionError with the tail of stderr when it fails)."""
+    import subprocess
+    import sys
+
+    from pad_moe.distributed import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2"}
+    if ranks == 1:
+        argv = [sys.executable, "-m", "pad_moe", "train", *args]
+    else:
+        argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+                str(free_port()), "--module", "pad_moe.cli", "train", *args]
+    proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
