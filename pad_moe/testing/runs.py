@@ -35,7 +35,9 @@ def launch_train(args: list, ranks: int = 1, timeout: float = 600):
     from pad_moe.distributed import free_port
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2"}
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}  # not the caller's process group (its port)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", DEEPSPEED_TIMEOUT="2")
     if ranks == 1:
         argv = [sys.executable, "-m", "pad_moe", "train", *args]
     else:
