@@ -396,9 +396,10 @@ def restore_optimizer(engine, snapshot: dict[str, Any], select) -> None:
                 else:
                     safe_set_full_optimizer_state(p, value, key)
     else:
+        names = {id(p): n for n, p in named}
         for group, scalars in zip(opt.param_groups, snapshot["group_scalars"]):
             for p in group["params"]:
-                name = next(n for n, q in named if q is p)
+                name = names[id(p)]
                 entry = {k: select(name, p, v).to(p.device) for k, v in saved[name].items()}
                 with torch.no_grad():
                     p.copy_(entry.pop("fp32"))

@@ -183,9 +183,7 @@ def transformers_output_recorder_shim():
     if not isinstance(registry, dict) or original is dict or original is _KeyedRecordRegistry:
         yield
         return
-    shim = type("_CanRecordRegistryCompat", (_KeyedRecordRegistry, original), {})
-    shim.__setitem__, shim.get = _KeyedRecordRegistry.__setitem__, _KeyedRecordRegistry.get
-    registry.__class__ = shim
+    registry.__class__ = type("_CanRecordRegistryCompat", (_KeyedRecordRegistry, original), {})  # ours first in the MRO
     try:
         yield
     finally:
