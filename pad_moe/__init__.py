@@ -13,6 +13,8 @@ _EXPORTS = {
     "PadMaskMixin": "pad_moe.pad.protocol", "PadModule": "pad_moe.pad.protocol", "pad_modules": "pad_moe.pad.protocol",
     "upcycle": "pad_moe.models", "aux_loss": "pad_moe.models", "expert_counts": "pad_moe.models",
     "save_upcycled": "pad_moe.models", "load_upcycled": "pad_moe.models",
+    "load_deployed": "pad_moe.deploy.export", "compress": "pad_moe.hfmoe.compress",
+    "import_hf_moe": "pad_moe.hfmoe.experts",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

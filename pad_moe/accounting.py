@@ -34,6 +34,10 @@ def count_live(model: nn.Module, ep_size: int = 1) -> dict[str, int]:
     from pad_moe.vision.layers import PadDynamicConv2d
 
     for module in model.modules():
+        stored = getattr(module, "stored_params", None)
+        if callable(stored):  # a PAD module that counts its own compact form (HF MoE experts, not expert-parallel)
+            compact -= sum(_numel(p) for p in module.parameters(recurse=False)) - stored()
+            continue
         if isinstance(module, PadDynamicConv2d):
             mask = module.weight_masks()["weight"]
             dynamic, kernels = int(mask.sum()), module.num_kernels

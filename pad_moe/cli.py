@@ -91,9 +91,10 @@ def _presets(args) -> int:
 def commands() -> tuple[Register, ...]:
     """Every subcommand's registration, in the order ``padmoe --help`` lists them."""
     from pad_moe.deploy import COMMANDS as DEPLOY
+    from pad_moe.hfmoe.compress import register as compress
     from pad_moe.plan.planner import register as plan
 
-    return (register_train, register_config, register_presets, *DEPLOY, plan)
+    return (register_train, register_config, register_presets, *DEPLOY, compress, plan)
 
 
 # -- the tree -------------------------------------------------------------------------------------------------------

@@ -195,9 +195,13 @@ class ModelConfig:
     """A name from ``pad_moe.presets.MODEL_PRESETS`` (``padmoe presets`` lists them); null: ``debug`` for arch=toy,
     none for arch=hf (sizes from the checkpoint, moe from the MoEConfig defaults) and vision."""
     arch: str = "toy"
-    """toy (pad_moe's small encoder) | hf (a Hugging Face encoder, upcycled) | switch | vision."""
+    """toy (pad_moe's small encoder) | hf (a Hugging Face encoder, upcycled) | causal_lm (a Hugging Face decoder LM,
+    pad_moe.lm.job) | switch | vision."""
     path: Optional[str] = None
-    """hf: a local Hugging Face model directory, or ``minilm`` (all-MiniLM-L6-v2 from the offline pip package)."""
+    """hf: a local Hugging Face model directory, or ``minilm`` (all-MiniLM-L6-v2 from the offline pip package);
+    causal_lm: a local Hugging Face causal-LM directory (its sizes come from its config.json)."""
+    family: Optional[str] = None
+    """causal_lm built from scratch with the sizes below: mixtral (an MoE of moe.num_experts, top moe.k) | llama."""
     hidden_size: Optional[int] = None
     """Model width H (hf: the checkpoint's hidden_size)."""
     ffn_size: Optional[int] = None
@@ -220,7 +224,7 @@ class ModelConfig:
 
     def __post_init__(self):
         o = "model"
-        _choice(o, "arch", self.arch, ("toy", "hf", "switch", "vision"))
+        _choice(o, "arch", self.arch, ("toy", "hf", "causal_lm", "switch", "vision"))
         _choice(o, "pooling", self.pooling, ("cls", "mean"))
         if not isinstance(self.freeze_embeddings, bool):
             raise ValueError(f"model.freeze_embeddings={self.freeze_embeddings!r} is not a boolean; use true or false")
@@ -233,11 +237,36 @@ class ModelConfig:
             self._fill_from_preset()
         elif self.arch == "hf":
             self.check_checkpoint(required=False)
+        elif self.arch == "causal_lm":
+            self._check_causal_lm()
+        if self.family is not None and self.arch != "causal_lm":
+            raise ValueError(f"model.family={self.family} builds a causal LM from scratch (model.arch=causal_lm), not "
+                             f"model.arch={self.arch}; drop model.family")
         if self.hidden_size is not None and self.num_heads is not None and self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
                              f"{self.num_heads}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    def _check_causal_lm(self) -> None:
+        """causal_lm: exactly one of model.path (sizes from its config.json) and model.family (sizes all set)."""
+        if (self.path is None) == (self.family is None):
+            raise ValueError("model.arch=causal_lm needs exactly one of model.path (a local Hugging Face causal LM) and "
+                             f"model.family (mixtral | llama, built from scratch); got path={self.path!r}, "
+                             f"family={self.family!r}")
+        if self.family is not None:
+            _choice("model", "family", self.family, ("mixtral", "llama"))
+            unset = [name for name in HF_SIZES if getattr(self, name) is None]
+            if unset:
+                raise ValueError(f"model.family={self.family} builds the model from the model section's sizes; set "
+                                 f"model.{unset[0]} (or pick a preset: padmoe presets)")
+            return
+        given = [name for name in HF_SIZES if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"model.{given[0]}={getattr(self, given[0])}: a pretrained causal LM's sizes come from "
+                             f"{self.path}/config.json; drop model.{given[0]}")
+        if not os.path.isfile(os.path.join(self.path, "config.json")):
+            raise ValueError(f"model.path={self.path!r} is not a Hugging Face model directory (no config.json)")
 
     def _fill_from_preset(self) -> None:
         """toy / switch built in Python without a YAML: unset sizes are the preset's (toy: ``debug``)."""
@@ -339,7 +368,11 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """pad_moe's cache for fetched corpora (default ~/.cache/pad_moe, or $PAD_MOE_CACHE)."""
     text_files: list = field(default_factory=list)
-    """span_corruption: text files, one document per line (empty: the VADER sentences, else a generated corpus)."""
+    """span_corruption and data.task=text: text files, one document per line (span_corruption without them: the
+    VADER sentences)."""
+    tokenizer: Optional[str] = None
+    """causal_lm: model (the tokenizer in model.path) | bpe (byte-level BPE of model.vocab_size ids trained on the
+    training documents); null: model with model.path, else bpe."""
     train_size: int = 2048
     """Synthetic training examples."""
     eval_size: int = 256
@@ -348,10 +381,14 @@ class DataConfig:
     """Seed of the synthetic data and of the shuffling order."""
 
     def __post_init__(self):
-        if self.task not in ("synthetic", "span_corruption"):
+        from pad_moe.lm import CORPORA
+
+        if self.task not in ("synthetic", "span_corruption") + CORPORA:
             from pad_moe.data.tasks import task_names
 
-            _choice("data", "task", self.task, ("synthetic", "span_corruption") + tuple(task_names()))
+            _choice("data", "task", self.task, ("synthetic", "span_corruption") + CORPORA + tuple(task_names()))
+        if self.tokenizer is not None:
+            _choice("data", "tokenizer", self.tokenizer, ("model", "bpe"))
         if not isinstance(self.text_files, list):
             raise ValueError(f"data.text_files={self.text_files!r} must be a list of paths")
         _at_least("data", "num_labels", self.num_labels, 1)
@@ -363,6 +400,12 @@ class DataConfig:
             raise ValueError(f"data.data_files={self.data_files!r} must map split names to file paths")
         _at_least("data", "train_size", self.train_size, 1)
         _at_least("data", "eval_size", self.eval_size, 1)
+
+    def resolved_tokenizer(self, model: "ModelConfig") -> str:
+        """data.tokenizer as set, else ``model`` when the model comes from a folder, else ``bpe``."""
+        if self.tokenizer is None:
+            return "model" if model.path is not None else "bpe"
+        return self.tokenizer
 
 
 @dataclass
@@ -449,6 +492,15 @@ class RunConfig:
 
     def __post_init__(self):
         arch, task = self.model.arch, self.data.task
+        from pad_moe.lm import CORPORA
+
+        if (arch == "causal_lm") != (task in CORPORA):
+            raise ValueError(f"model.arch=causal_lm trains on a text corpus (data.task={' | '.join(CORPORA)}) and only it "
+                             f"does; got model.arch={arch} with data.task={task}")
+        if self.data.tokenizer is not None and arch != "causal_lm":
+            raise ValueError(f"data.tokenizer={self.data.tokenizer} is for model.arch=causal_lm; drop it")
+        if arch == "causal_lm":
+            self._check_causal_lm()
         if arch == "switch" and task != "span_corruption":
             raise ValueError(f"model.arch=switch trains on data.task=span_corruption, got data.task={task}")
         if arch == "toy" and task != "synthetic":
@@ -459,8 +511,9 @@ class RunConfig:
         if self.moe.expert_type != "mlp" and arch != "toy":
             raise ValueError(f"moe.expert_type={self.moe.expert_type} builds gated experts for model.arch=toy only; "
                              f"model.arch={arch} keeps its own FFN type (use moe.expert_type=mlp)")
-        self.moe.dispatch = self.moe.resolve_dispatch(upcycled=arch == "hf")  # both saved resolved
-        self.moe.drop_tokens = self.moe.resolve_drop_tokens(upcycled=arch == "hf")
+        upcycled = arch in ("hf", "causal_lm")
+        self.moe.dispatch = self.moe.resolve_dispatch(upcycled=upcycled)  # both saved resolved
+        self.moe.drop_tokens = self.moe.resolve_drop_tokens(upcycled=upcycled)
         if self.moe.k > 2 and self.moe.dispatch != "dropless":
             raise ValueError(f"moe.k={self.moe.k} > 2 needs moe.dispatch=dropless (DeepSpeed's capacity gate and the "
                              f"deploy router take k = 1 or 2; this run resolved to dispatch={self.moe.dispatch})")
@@ -469,6 +522,19 @@ class RunConfig:
                              "or moe.compact=false)")
         if not self.name or os.sep in self.name:
             raise ValueError(f"name={self.name!r} must be a non-empty name without '{os.sep}'")
+
+    def _check_causal_lm(self) -> None:
+        m, d = self.model, self.data
+        tokenizer = d.resolved_tokenizer(m)
+        if tokenizer == "model" and m.path is None:
+            raise ValueError("data.tokenizer=model reads the tokenizer saved in model.path; a model built from scratch "
+                             "(model.family) needs data.tokenizer=bpe")
+        if m.max_seq_len is not None and d.max_length > m.max_seq_len:
+            raise ValueError(f"data.max_length={d.max_length} (the packed block) exceeds model.max_seq_len="
+                             f"{m.max_seq_len}; lower data.max_length")
+        if m.family == "mixtral" and self.moe.mode == "static":
+            raise ValueError("moe.mode=static with model.family=mixtral: a dense model from scratch is "
+                             "model.family=llama; train the MoE with moe.mode=moe or pad")
 
     @property
     def run_dir(self) -> str:

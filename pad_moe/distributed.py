@@ -193,6 +193,19 @@ def initialize_engine(model: torch.nn.Module, cfg: RunConfig, world: int, total_
     return engine, ds
 
 
+def fine_tuning_engine(model: torch.nn.Module, params: list, micro_batch: int, lr: float):
+    """A plain data-parallel DeepSpeed engine (ZeRO 0, fp32, AdamW without decay, gradient clipping 1.0) that trains
+    only ``params``; the gradients are averaged over all ranks (``padmoe compress --heal-steps``)."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+              "steps_per_print": 10**9, "gradient_clipping": 1.0, "zero_optimization": {"stage": 0},
+              "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    use_weights_only_checkpoints(engine)
+    return engine
+
+
 def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
     """In-place all-reduce when distributed; identity in one process."""
     import torch.distributed as dist

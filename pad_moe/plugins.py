@@ -8,4 +8,5 @@ JOB_MODULES: tuple[str, ...] = (
     "pad_moe.models.job",   # model.arch=hf: an upcycled Hugging Face encoder on a GLUE / VADER task
     "pad_moe.vision.job",   # model.arch=vision: PAD-DyConv CNNs on images
     "pad_moe.switch.job",   # model.arch=switch: Switch span-corruption pre-training
+    "pad_moe.lm.job",       # model.arch=causal_lm: a Hugging Face decoder LM on a text corpus
 )

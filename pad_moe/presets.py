@@ -34,6 +34,21 @@ MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "vocab_size": 1024, "max_seq_len": 128},
         "moe": {"num_experts": 8, "k": 2},
     },
+    # A tiny Mixtral-style decoder from scratch (2 layers, 4 experts top-2) on real text: tests and smoke runs.
+    "lm-debug": {
+        "model": {"arch": "causal_lm", "family": "mixtral", "hidden_size": 32, "ffn_size": 48, "num_layers": 2,
+                  "num_heads": 4, "vocab_size": 320, "max_seq_len": 64},
+        "moe": {"mode": "moe", "num_experts": 4, "k": 2, "aux_loss_coef": 0.01},
+        "data": {"task": "vader", "max_length": 32},
+    },
+    # The small Mixtral-style MoE pre-trained here for the compression evidence (21.4M parameters: 4 layers, H=256,
+    # 8 experts of F=640, top-2, 8,192 BPE ids) on WordNet glosses + the VADER sentences (1.9M words).
+    "lm-mixtral-20m": {
+        "model": {"arch": "causal_lm", "family": "mixtral", "hidden_size": 256, "ffn_size": 640, "num_layers": 4,
+                  "num_heads": 4, "vocab_size": 8192, "max_seq_len": 256},
+        "moe": {"mode": "moe", "num_experts": 8, "k": 2, "aux_loss_coef": 0.01},
+        "data": {"task": "wordnet+vader", "max_length": 128},
+    },
 }
 
 

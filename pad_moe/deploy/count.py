@@ -258,6 +258,10 @@ def _count_command(args) -> int:
     if _given(args, _VISION_FLAGS):
         raise UsageError(f"{_given(args, _VISION_FLAGS)[0]} applies to vision models, not {args.target!r}")
     dtype = args.dtype or "fp32"
+    from pad_moe.hfmoe.count import is_hf_moe_folder
+
+    if os.path.isdir(args.target) and is_hf_moe_folder(args.target):
+        return _count_hf_moe(args, dtype)
     arch = None
     if os.path.isfile(args.target):  # a run config: load it once, count a vision model or build its Arch
         from pad_moe.config import load_config
@@ -300,6 +304,29 @@ def _count_command(args) -> int:
     print(f"  compact   {r['params']:>15,d} params  {r['params_M']:>8s}  {r['bytes'] / 2**20:10.1f} MiB {r['dtype']}")
     print(f"  training  {r['params_training']:>15,d} params  {r['params_training_M']:>8s}  "
           f"{r['bytes_training'] / 2**20:10.1f} MiB {r['dtype']}")
+    print(f"  active    {r['params_active']:>15,d} params per token (k={r['k']})")
+    return 0
+
+
+def _count_hf_moe(args, dtype: str) -> int:
+    """``padmoe count MODEL_DIR`` for an HF MoE folder (pad_moe.hfmoe.count)."""
+    from pad_moe.hfmoe.count import count_hf_moe
+
+    unused = [f for f, dest in (("--experts", "experts"), ("--pad-static", "pad_static")) if getattr(args, dest)
+              is not None] + (["--convention"] if args.convention != "ours" else [])
+    if unused or args.overrides:
+        what = unused[0] if unused else f"override {args.overrides[0]!r}"
+        raise UsageError(f"{what} does not apply to the HF MoE folder {args.target}; it takes --mode, --kappa, --k, "
+                         "--granularity and --dtype")
+    r = count_hf_moe(args.target, mode=args.mode or "moe", kappa=args.kappa, k=args.k,
+                     granularity=args.granularity or "element", dtype_bytes=DTYPE_BYTES[dtype])
+    if args.json:
+        print(json.dumps({**r, "dtype": dtype}))
+        return 0
+    what = r["mode"] + (f" κ={r['kappa']:g} {r['granularity']}" if r["mode"] == "pad" else "")
+    print(f"{r['name']} ({r['family']}, {r['moe_layers']} MoE layers of {r['experts']} experts): {what}")
+    print(f"  stored    {r['params']:>15,d} params  {r['bytes'] / 2**20:10.1f} MiB {dtype}")
+    print(f"  as is     {r['params_training']:>15,d} params")
     print(f"  active    {r['params_active']:>15,d} params per token (k={r['k']})")
     return 0
 

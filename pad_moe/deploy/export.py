@@ -148,13 +148,19 @@ def read_deploy_meta(folder: str) -> dict:
 def load_deployed(folder: str, skeleton: Optional[nn.Module] = None) -> nn.Module:
     """The deployed model of ``folder`` in eval mode: one process, no DeepSpeed engine, all weights fp32.
 
+    A folder written by ``padmoe compress`` (a compressed HF MoE) loads as a Hugging Face causal LM whose
+    ``forward(input_ids)`` gives ``.logits``; the rest is below.
+
     The architecture comes from the folder's config (toy and Hugging Face runs); for other models (e.g. a vision
     network exported with ``compact_model`` + ``save_deployed``) pass ``skeleton``, the model built by its own
     constructor: its dynamic layers are replaced by the compact blocks and every tensor is loaded strictly."""
     from safetensors.torch import load_file
 
     from pad_moe.config import load_config
+    from pad_moe.hfmoe import deployed as hf_deployed
 
+    if skeleton is None and os.path.isfile(os.path.join(os.fspath(folder), hf_deployed.META_FILE)):
+        return hf_deployed.load_compressed(folder)  # a compressed HF MoE (padmoe compress)
     meta = read_deploy_meta(folder)
     if skeleton is not None:
         model = skeleton

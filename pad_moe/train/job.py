@@ -33,6 +33,8 @@ class Job:
     """(predictions, labels) -> metric values."""
     main_metric: str
     extras: dict[str, Any] = field(default_factory=dict)
+    integer_predictions: bool = True
+    """Classification jobs: evaluation rows are class ids (cast to long before ``metrics``); False keeps floats."""
 
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.num_labels == 1:
@@ -41,6 +43,10 @@ class Job:
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.squeeze(-1).float() if self.num_labels == 1 else logits.argmax(-1)
+
+    def eval_rows(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """What evaluation gathers per example for ``metrics`` (default: the predictions)."""
+        return self.predictions(logits)
 
 
 def accuracy(preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -82,7 +82,7 @@ def evaluate(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[st
             for b in range(padded // chunk):
                 batch = _eval_batch(job, dataset, b, rank, world, micro, engine.device)
                 logits, _ = job.forward(engine, batch)
-                preds.append(job.predictions(logits).float())
+                preds.append(job.eval_rows(logits, batch).float())
                 labels.append(batch["labels"].float())
         p, y = state.gather_rank_major(torch.cat(preds), world), state.gather_rank_major(torch.cat(labels), world)
         # rank-major layout back to dataset order: chunk c, rank r, item j -> c*chunk + r*micro + j
@@ -90,7 +90,7 @@ def evaluate(engine, job: Job, cfg: RunConfig, rank: int, world: int) -> dict[st
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(padded)
         p, y = p[inverse][:n], y[inverse][:n]
-        if job.num_labels > 1:
+        if job.num_labels > 1 and job.integer_predictions:
             p, y = p.long(), y.long()
         results[name] = job.metrics(p, y)
     engine.train()
@@ -304,11 +304,13 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     _log_eval(monitor, metrics, dynamics, total_steps)
     if start_step < total_steps:  # a resume of a finished run whose summary was lost writes only the summary
         state.save_checkpoint(engine, cfg, total_steps, rank, world, record, losses)
+    save_final = job.extras.get("save_final")  # e.g. the causal-LM job's Hugging Face folder
+    exported = save_final(engine.module, cfg.run_dir) if save_final is not None and rank == 0 else None
     summary = {"name": cfg.name, "mode": cfg.moe.mode, "steps": total_steps, "start_step": start_step,
                "losses": losses, "eval": metrics, "main_metric": job.main_metric, "world_size": world,
                "seed": cfg.train.seed, "task": cfg.data.task, "wall_time_s": time.time() - t0, "partition": record,
                "dynamics": dynamics, "step_seconds": step_seconds, "memory": D.memory_report(engine),
-               **count_live(job.model, cfg.moe.ep_size)}
+               **count_live(job.model, cfg.moe.ep_size), **({"exported": exported} if exported else {})}
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "summary.json.tmp"), "w") as f:
             json.dump(summary, f, indent=1)

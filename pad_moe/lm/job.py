@@ -1,0 +1,153 @@
+"""The causal language-model job of ``padmoe train`` (``model.arch=causal_lm``), registered with the job registry.
+
+The model is a Hugging Face causal LM: a local folder (``model.path``) or one built from scratch (``model.family``
+mixtral | llama with the sizes of the ``model`` section, seeded by ``train.seed``). What ``moe.mode`` does with it:
+
+- an HF MoE model (Mixtral, Qwen2/Qwen3-MoE, OLMoE): ``moe`` trains it as it is (its router's load-balancing loss as
+  the aux loss); ``pad`` imports its experts as PAD experts (``pad_moe.hfmoe``: static weight from the experts, masks
+  one, φ) and IMP partitions them; ``static`` is refused (merging experts is ``padmoe compress --method merge``).
+- a dense model (Llama, Mistral, Qwen2/3, GPT-2): upcycled as for encoders (``static`` keeps one FFN, ``moe`` / ``pad``
+  make experts from it; dropless, so the logits at init are the original's).
+
+Data: a text corpus (``pad_moe.lm.corpus``), tokenized with the model folder's tokenizer (``data.tokenizer=model``)
+or a byte-level BPE trained on the training documents (``bpe``, ``model.vocab_size`` ids), packed into
+``data.max_length``-token blocks. Loss: next-token cross-entropy + ``moe.aux_loss_coef`` × aux. Evaluation: held-out
+perplexity (the exponential of the mean token loss), the mean loss and next-token accuracy. At the end rank 0 writes
+the trained model as a Hugging Face folder (``RUN_DIR/hf_model``, native HF MoE models) or a compact PAD export
+(``RUN_DIR/deployed``, PAD-imported ones; ``pad_moe.load_deployed``), tokenizer included; upcycled dense models
+stay in the run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pad_moe.config import RunConfig
+from pad_moe.lm.corpus import PackedBlocks, load_corpus, split_documents
+from pad_moe.lm.tokenizer import encode_all, model_tokenizer, train_bpe
+from pad_moe.train.job import Job
+from pad_moe.train.registry import register_job
+
+FAMILIES = ("mixtral", "llama")
+
+
+@dataclass
+class CausalLMJob(Job):
+    """Labels are next-token ids (B, L); evaluation rows are per-sequence (summed loss, tokens, correct tokens)."""
+
+    def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    def eval_rows(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        labels = batch["labels"]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # (B, L)
+        correct = (logits.argmax(-1) == labels).float()
+        return torch.stack([nll.sum(1), torch.full_like(nll[:, 0], labels.shape[1]), correct.sum(1)], dim=1)
+
+
+def lm_metrics(rows: torch.Tensor, _labels: torch.Tensor) -> dict[str, float]:
+    loss = float(rows[:, 0].double().sum() / rows[:, 1].double().sum())
+    return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss,
+            "token_accuracy": float(rows[:, 2].double().sum() / rows[:, 1].double().sum())}
+
+
+def from_scratch_config(cfg: RunConfig, vocab_size: int):
+    """The HF config of ``model.family`` with the run's sizes (no tied embeddings, eager kernels)."""
+    m, moe = cfg.model, cfg.moe
+    common = dict(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_size,
+                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
+                  max_position_embeddings=m.max_seq_len, tie_word_embeddings=False, attention_dropout=m.dropout,
+                  bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    if m.family == "mixtral":
+        from transformers import MixtralConfig
+
+        return MixtralConfig(num_local_experts=moe.num_experts, num_experts_per_tok=moe.k,
+                             router_aux_loss_coef=moe.aux_loss_coef, output_router_logits=True, **common)
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**common)
+
+
+def build_model(cfg: RunConfig, vocab_size: int, ep_rank: int):
+    """(model, is_hf_moe): the causal LM of the run, converted per ``moe.mode``."""
+    from transformers import AutoModelForCausalLM
+
+    from pad_moe.hfmoe.experts import HF_MOE_FAMILIES, import_hf_moe
+    from pad_moe.models.upcycle import upcycle_from_config
+
+    torch.manual_seed(cfg.train.seed)  # from scratch: the same initial model on every rank
+    if cfg.model.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+        if model.get_input_embeddings().weight.shape[0] < vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_size} ids but {cfg.model.path} embeds only "
+                             f"{model.get_input_embeddings().weight.shape[0]}; use the model's own tokenizer")
+    else:
+        model = AutoModelForCausalLM.from_config(from_scratch_config(cfg, vocab_size), dtype=torch.float32)
+    family = model.config.model_type
+    if family in HF_MOE_FAMILIES:
+        if cfg.moe.mode == "static":
+            raise ValueError(f"moe.mode=static on the {family} MoE model: merging its experts is padmoe compress "
+                             "--method merge; train it with moe.mode=moe or pad")
+        if cfg.moe.ep_size != 1:
+            raise ValueError(f"moe.ep_size={cfg.moe.ep_size}: padmoe train keeps an HF MoE model's experts on every "
+                             "rank (data parallel); expert parallelism for these families is DeepSpeed AutoEP "
+                             "(pad_moe.moe.autoep). Set moe.ep_size=1")
+        model.config.output_router_logits = True
+        if cfg.moe.mode == "pad":
+            import_hf_moe(model, granularity=cfg.moe.granularity, scale_mode=cfg.moe.scale_mode)
+        return model, True
+    upcycle_from_config(model, cfg.moe, ep_rank=ep_rank)
+    return model, False
+
+
+@register_job("causal_lm")
+def build_causal_lm_job(cfg: RunConfig, ep_rank: int) -> CausalLMJob:
+    from pad_moe.models.upcycle import aux_loss
+
+    d = cfg.data
+    train_docs, eval_docs = split_documents(load_corpus(d.task, d.text_files, d.cache_dir))
+    if not eval_docs:
+        raise ValueError(f"data.task={d.task}: none of its {len(train_docs)} documents falls in the held-out split "
+                         "(about 2 % by hash); pass more documents")
+    if d.resolved_tokenizer(cfg.model) == "model":
+        tokenizer = model_tokenizer(cfg.model.path)
+    else:
+        tokenizer = train_bpe(train_docs, cfg.model.vocab_size)
+    eos = tokenizer.eos_token_id
+    train_set = PackedBlocks(encode_all(tokenizer, train_docs), d.max_length, eos, d.max_train)
+    eval_set = PackedBlocks(encode_all(tokenizer, eval_docs), d.max_length, eos, d.max_eval)
+    model, is_hf_moe = build_model(cfg, len(tokenizer), ep_rank)
+
+    def forward(m, batch):
+        if is_hf_moe:
+            out = m(input_ids=batch["input_ids"], output_router_logits=True)
+            aux = out.aux_loss if out.aux_loss is not None else torch.zeros(())
+            return out.logits, aux
+        out = m(input_ids=batch["input_ids"])
+        return out.logits, aux_loss(m)
+
+    def save_final(module, run_dir: str) -> str:
+        from pad_moe.hfmoe.deployed import save_compressed
+        from pad_moe.hfmoe.experts import PadHFExperts
+
+        if any(isinstance(x, PadHFExperts) for x in module.modules()):
+            out = os.path.join(run_dir, "deployed")
+            os.makedirs(out, exist_ok=True)
+            save_compressed(module, tokenizer, out, {"method": "train", "source": {"run": cfg.name}})
+        else:
+            out = os.path.join(run_dir, "hf_model")
+            module.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+        return out
+
+    extras = {"tokenizer": tokenizer}
+    if is_hf_moe:  # an upcycled dense model holds pad_moe blocks: its export is not an HF folder
+        extras["save_final"] = save_final
+    return CausalLMJob(model=model, train_set=train_set, eval_sets={"heldout": eval_set},
+                       collate=PackedBlocks.collate, forward=forward, num_labels=len(tokenizer),
+                       metrics=lm_metrics, main_metric="perplexity", extras=extras, integer_predictions=False)
