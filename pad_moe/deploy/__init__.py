@@ -10,20 +10,28 @@ Command line: each module registers its ``padmoe`` subcommand (``register(subpar
 status (bad input: one line on stderr, 2); ``python -m pad_moe.deploy COMMAND ...`` is ``padmoe COMMAND ...``.
 """
 
-from pad_moe.deploy.checkpoint import CheckpointError, read_checkpoint, read_optimizer_state
-from pad_moe.deploy.consolidate import consolidate, consolidate_main, load_training_form
-from pad_moe.deploy.consolidate import register as _register_consolidate
-from pad_moe.deploy.count import count, count_main, resolve
-from pad_moe.deploy.count import register as _register_count
-from pad_moe.deploy.export import compact_model, export, export_main, load_deployed, save_deployed
-from pad_moe.deploy.export import register as _register_export
-from pad_moe.deploy.reshard import register as _register_reshard
-from pad_moe.deploy.reshard import reshard, reshard_main
+import importlib
 
-COMMANDS = (_register_count, _register_export, _register_consolidate, _register_reshard)
-"""The deploy subcommands' registrations (``padmoe count|export|consolidate|reshard``)."""
-MAINS = {"count": count_main, "export": export_main, "consolidate": consolidate_main, "reshard": reshard_main}
+# Public names, imported on first use: loading a deploy folder (``load_deployed``) must not import DeepSpeed, which
+# consolidation and resharding need.
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "read_checkpoint": "checkpoint", "read_optimizer_state": "checkpoint",
+    "consolidate": "consolidate", "consolidate_main": "consolidate", "load_training_form": "consolidate",
+    "count": "count", "count_main": "count", "resolve": "count",
+    "compact_model": "export", "export": "export", "export_main": "export", "load_deployed": "export",
+    "save_deployed": "export", "reshard": "reshard", "reshard_main": "reshard",
+}
+_COMMAND_MODULES = ("count", "export", "consolidate", "reshard")
 
-__all__ = ["COMMANDS", "CheckpointError", "MAINS", "compact_model", "consolidate", "consolidate_main", "count",
-           "count_main", "export", "export_main", "load_deployed", "load_training_form", "read_checkpoint",
-           "read_optimizer_state", "reshard", "reshard_main", "resolve", "save_deployed"]
+
+def __getattr__(name):
+    if name == "COMMANDS":  # the deploy subcommands' registrations (padmoe count|export|consolidate|reshard)
+        return tuple(importlib.import_module(f"pad_moe.deploy.{m}").register for m in _COMMAND_MODULES)
+    if name == "MAINS":
+        return {m: getattr(importlib.import_module(f"pad_moe.deploy.{m}"), f"{m}_main") for m in _COMMAND_MODULES}
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"pad_moe.deploy.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'pad_moe.deploy' has no attribute {name!r}")
+
+
+__all__ = ["COMMANDS", "MAINS", *sorted(_EXPORTS)]

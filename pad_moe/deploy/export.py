@@ -156,11 +156,12 @@ def load_deployed(folder: str, skeleton: Optional[nn.Module] = None) -> nn.Modul
     constructor: its dynamic layers are replaced by the compact blocks and every tensor is loaded strictly."""
     from safetensors.torch import load_file
 
-    from pad_moe.config import load_config
     from pad_moe.hfmoe import deployed as hf_deployed
 
     if skeleton is None and os.path.isfile(os.path.join(os.fspath(folder), hf_deployed.META_FILE)):
-        return hf_deployed.load_compressed(folder)  # a compressed HF MoE (padmoe compress)
+        return hf_deployed.load_compressed(folder)  # a compressed HF MoE (padmoe compress): no DeepSpeed import
+    from pad_moe.config import load_config
+
     meta = read_deploy_meta(folder)
     if skeleton is not None:
         model = skeleton
