@@ -54,7 +54,7 @@ def test_kappa_one_gives_the_original_logits(folders, tmp_path):
 
     import pad_moe
 
-    summary = run(folders, tmp_path / "k1", kappa=1.0, eval_text=str(folders / "eval.txt"))
+    summary = run(folders, tmp_path / "k1", kappa=1.0, eval_text=str(folders / "eval.txt"), eval_before=True)
     assert summary["params_stored"] == summary["params_original"] and summary["verified_max_abs_diff"] == 0
     assert summary["eval"] == summary["eval_original"]
     ids = torch.randint(0, 320, (2, 20), generator=torch.Generator().manual_seed(1))

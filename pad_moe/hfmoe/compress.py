@@ -198,7 +198,7 @@ def _world() -> int:
 def compress(model_dir: str, *, out: str, calib: str, kappa: Optional[float] = None, method: str = "imp",
              granularity: Optional[str] = None, static_init: Optional[str] = None, heal_steps: int = 0,
              heal_lr: float = 1e-4, iterations: int = 5, calib_batches: int = 8, seq_len: int = 128,
-             batch_size: int = 8, seed: int = 0, eval_text: Optional[str] = None) -> dict:
+             batch_size: int = 8, seed: int = 0, eval_text: Optional[str] = None, eval_before: bool = False) -> dict:
     """Compress the HF MoE at ``model_dir`` into ``out`` (see the module doc); returns the summary (rank 0 writes)."""
     from transformers import AutoModelForCausalLM
 
@@ -227,7 +227,9 @@ def compress(model_dir: str, *, out: str, calib: str, kappa: Optional[float] = N
     summary = {"method": method, "kappa": 0.0 if method == "merge" else kappa, "family": family,
                "model_dir": os.path.abspath(model_dir), "world_size": world, "calib_blocks": len(blocks),
                "params_original": original_params}
-    if eval_blocks is not None and rank == 0:
+    if eval_before and eval_blocks is None:
+        raise UsageError("--eval-before evaluates the source model on the --eval text: pass --eval TEXTFILE")
+    if eval_before and rank == 0:
         summary["eval_original"] = perplexity(model, eval_blocks)
     batches = rank_batches(blocks, rank, world, batch_size, calib_batches)
     frequency = None
@@ -303,7 +305,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="blocks per batch per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", default=None, dest="eval_text",
-                   help="held-out text: report perplexity before and after (rank 0)")
+                   help="held-out text: report the compressed model's perplexity on it (rank 0)")
+    p.add_argument("--eval-before", action="store_true", help="also the source model's perplexity on --eval")
     p.set_defaults(handler=_compress_command)
     return p
 
@@ -313,7 +316,8 @@ def _compress_command(args) -> int:
         summary = compress(args.model_dir, out=args.out, calib=args.calib, kappa=args.kappa, method=args.method,
                            granularity=args.granularity, static_init=args.static_init, heal_steps=args.heal_steps,
                            heal_lr=args.heal_lr, iterations=args.iterations, calib_batches=args.calib_batches,
-                           seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, eval_text=args.eval_text)
+                           seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, eval_text=args.eval_text,
+                           eval_before=args.eval_before)
     except RuntimeError as err:  # the verification failed: not bad input
         print(f"padmoe compress: error: {err}", file=sys.stderr)
         return 1
