@@ -29,7 +29,6 @@ def _train(rank, world, out, overrides):
     from pad_moe.switch.job import build_switch_job
 
     loop.build_job = build_switch_job  # what build_job does for model.arch=switch once wired
-    D.vader_texts = lambda: None  # the generated corpus, whatever is installed (and no `datasets` import)
     cfg = switch_config("switch-debug", [f"output_dir={out}", *overrides])
     summary = loop.train(cfg)
     return summary
@@ -77,9 +76,10 @@ def test_checkpoints_hold_expert_shards_and_tensorboard_has_router_scalars(run):
 
 
 def test_vocab_span_corruption_and_collate_round_trip():
-    texts = D.toy_texts(64)
-    vocab = D.WordVocab.build(texts, size=128, num_sentinels=8)
-    assert vocab.sentinel(0) == 127 and vocab.encode("the film zzz")[-1] == D.UNK
+    texts = D.vader_texts()[:400]  # real sentences (python -m pad_moe.data installs them)
+    vocab = D.BpeVocab.build(texts, size=512, num_sentinels=8)
+    assert vocab.sentinel(0) == 511 and len(vocab.tokenizer) <= 504
+    assert vocab.decode(vocab.encode("the film zzz")) == "the film zzz"  # bytes: nothing is unknown
     ids = vocab.encode(texts[0])
     g = torch.Generator().manual_seed(0)
     inp, tgt = D.span_corrupt(ids, vocab, g)
@@ -117,5 +117,14 @@ def test_vader_sentences_are_read_when_installed(tmp_path):
 def test_bad_text_input_names_the_value(tmp_path):
     with pytest.raises(ValueError, match="nope.txt"):
         D.read_text_files([str(tmp_path / "nope.txt")])
-    with pytest.raises(ValueError, match="vocab_size=8"):
-        D.WordVocab.build(["a b"], size=8, num_sentinels=8)
+    with pytest.raises(ValueError, match="vocab_size=100 is too small"):
+        D.BpeVocab.build(["a b"], size=108, num_sentinels=8)
+
+
+def test_span_corruption_without_text_is_refused_not_replaced(monkeypatch):
+    import pad_moe.switch.job as J
+
+    monkeypatch.setattr(J.D, "vader_texts", lambda cache_dir=None: None)
+    cfg = switch_config("switch-debug", ["name=sw"])
+    with pytest.raises(ValueError, match="VADER sentences, which are not installed"):
+        J.switch_texts(cfg)

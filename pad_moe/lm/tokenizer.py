@@ -15,9 +15,9 @@ SPECIALS = ("<pad>", "</s>", "<unk>")
 MIN_VOCAB = 300  # the 256 byte symbols, the specials and a few merges
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int, num_sentinels: int = 0):
-    """A ``PreTrainedTokenizerFast`` of exactly ``vocab_size`` ids (fewer merges only if the text has no more pairs:
-    then one line), the sentinels last."""
+def train_bpe(texts: Sequence[str], vocab_size: int, num_sentinels: int = 0, exact: bool = True):
+    """A ``PreTrainedTokenizerFast`` of ``vocab_size`` ids, the sentinels last. A text with too few distinct pairs
+    for that many merges is one line when ``exact``, else gives a smaller vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -35,7 +35,7 @@ def train_bpe(texts: Sequence[str], vocab_size: int, num_sentinels: int = 0):
     sentinels = [f"<extra_id_{i}>" for i in range(num_sentinels)][::-1]  # <extra_id_0> = the last id, as in T5
     if sentinels:
         tok.add_special_tokens(sentinels)
-    if tok.get_vocab_size() != vocab_size:
+    if exact and tok.get_vocab_size() != vocab_size:
         raise ValueError(f"the training text yields only {tok.get_vocab_size()} BPE ids, not model.vocab_size="
                          f"{vocab_size}; lower model.vocab_size or pass more text")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",

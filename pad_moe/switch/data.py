@@ -1,7 +1,8 @@
-"""T5-style span corruption over plain text, with an offline word-level vocabulary.
+"""T5-style span corruption over plain text, with a byte-level BPE vocabulary trained on the training split
+(``tokenizers``, via ``pad_moe.lm.tokenizer``).
 
-Texts: any text files (one document per non-empty line), else the VADER sentences when ``pad_moe.data.vader`` has them
-installed, else a generated toy corpus (``toy_texts``) so that tests never need a download.
+Texts: any text files (one document per non-empty line), else the VADER movie-review sentences installed by
+``python -m pad_moe.data``; neither is one line (never a generated stand-in).
 
 Span corruption (Raffel et al., 2020): about ``noise_density`` of a document's tokens, in spans of mean length
 ``mean_span``, are replaced in the input by sentinels ``<extra_id_i>``; the target lists each sentinel followed by the
@@ -14,40 +15,29 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
-from collections import Counter
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-PAD, EOS, UNK = 0, 1, 2
-SPECIALS = ("<pad>", "</s>", "<unk>")
-_TOKEN = re.compile(r"\w+|[^\w\s]")
+PAD, EOS, UNK = 0, 1, 2  # the ids of <pad>, </s>, <unk> in pad_moe.lm.tokenizer's BPE
 
 
-def words(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
+class BpeVocab:
+    """A byte-level BPE tokenizer (``train_bpe``) in a ``size``-id model vocabulary whose top ``num_sentinels`` ids
+    are the sentinels (<extra_id_0> = size-1, as in T5). The BPE part may hold fewer ids than the room below the
+    sentinels (a small corpus has fewer merges); the ids in between are never produced."""
 
-
-class WordVocab:
-    """Word-level vocabulary built from texts: ids 0-2 are <pad>, </s>, <unk>; the top ``num_sentinels`` ids of
-    ``size`` are the sentinels (<extra_id_0> = size-1, as in T5); the most frequent words (ties alphabetical) fill the
-    rest."""
-
-    def __init__(self, tokens: Sequence[str], size: int, num_sentinels: int):
-        self.size, self.num_sentinels = size, num_sentinels
-        self.itos = list(SPECIALS) + list(tokens)
-        self.stoi = {w: i for i, w in enumerate(self.itos)}
+    def __init__(self, tokenizer, size: int, num_sentinels: int):
+        if len(tokenizer) > size - num_sentinels:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} ids, more than model.vocab_size={size} leaves next "
+                             f"to {num_sentinels} sentinels")
+        self.tokenizer, self.size, self.num_sentinels = tokenizer, size, num_sentinels
 
     @classmethod
-    def build(cls, texts: Iterable[str], size: int, num_sentinels: int = 32) -> "WordVocab":
-        room = size - len(SPECIALS) - num_sentinels
-        if room < 1:
-            raise ValueError(f"model.vocab_size={size} leaves no room for words next to {len(SPECIALS)} special "
-                             f"tokens and {num_sentinels} sentinels; raise model.vocab_size")
-        counts = Counter(w for t in texts for w in words(t))
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:room]
-        return cls([w for w, _ in ranked], size, num_sentinels)
+    def build(cls, texts: Iterable[str], size: int, num_sentinels: int = 32) -> "BpeVocab":
+        from pad_moe.lm.tokenizer import train_bpe
+
+        return cls(train_bpe(list(texts), size - num_sentinels, exact=False), size, num_sentinels)
 
     def sentinel(self, i: int) -> int:
         if not 0 <= i < self.num_sentinels:
@@ -55,19 +45,18 @@ class WordVocab:
         return self.size - 1 - i
 
     def encode(self, text: str) -> list[int]:
-        return [self.stoi.get(w, UNK) for w in words(text)]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: Iterable[int]) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
+        out, run = [], []
+        for i in map(int, ids):
             if i >= self.size - self.num_sentinels:
+                out += [self.tokenizer.decode(run)] if run else []
                 out.append(f"<extra_id_{self.size - 1 - i}>")
-            elif i < len(self.itos):
-                out.append(self.itos[i])
+                run = []
             else:
-                out.append("<unk>")
-        return " ".join(out)
+                run.append(i)
+        return "".join(out + ([self.tokenizer.decode(run)] if run else []))
 
 
 def _segments(total: int, parts: int, g: torch.Generator) -> list[int]:
@@ -79,7 +68,7 @@ def _segments(total: int, parts: int, g: torch.Generator) -> list[int]:
     return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def span_corrupt(tokens: Sequence[int], vocab: WordVocab, g: torch.Generator, noise_density: float = 0.15,
+def span_corrupt(tokens: Sequence[int], vocab: BpeVocab, g: torch.Generator, noise_density: float = 0.15,
                  mean_span: float = 3.0) -> tuple[list[int], list[int]]:
     """(input ids, target ids) of one document, both ending with </s>. Needs at least 2 tokens."""
     n = len(tokens)
@@ -106,7 +95,7 @@ def target_length(input_length: int, noise_density: float = 0.15) -> int:
 class SpanCorruptionDataset(torch.utils.data.Dataset):
     """Fixed-shape examples: input (L_in), target (L_out); documents are truncated to L_in − 1 tokens."""
 
-    def __init__(self, texts: Sequence[str], vocab: WordVocab, input_length: int, seed: int = 0,
+    def __init__(self, texts: Sequence[str], vocab: BpeVocab, input_length: int, seed: int = 0,
                  noise_density: float = 0.15, mean_span: float = 3.0):
         self.input_length = input_length
         self.target_length = target_length(input_length, noise_density)
@@ -172,24 +161,6 @@ def vader_texts(cache_dir: Optional[str] = None) -> Optional[list[str]]:
     except (AttributeError, OSError, ValueError):
         return None
     return [row[-1] for row in rows]
-
-
-_SUBJECTS = ("the film", "this movie", "the plot", "the cast", "the director", "the script", "the ending", "the score",
-             "the lead actor", "the sequel", "the soundtrack", "the story")
-_VERBS = ("is", "feels", "seems", "remains", "becomes", "looks")
-_ADJS = ("funny", "slow", "moving", "clever", "dull", "bright", "tense", "warm", "cold", "bold", "messy", "sharp")
-_TAILS = ("from start to finish", "for most of its length", "in every scene", "despite a weak middle",
-          "when it matters", "until the last minute", "and never lets go", "but only just")
-
-
-def toy_texts(n: int = 512, seed: int = 0) -> list[str]:
-    """A generated corpus of short review-like sentences (fallback when no text is installed)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
-    return [f"{pick(_SUBJECTS)} {pick(_VERBS)} {pick(_ADJS)} and {pick(_ADJS)} {pick(_TAILS)} ." for _ in range(n)]
 
 
 def split_texts(texts: Sequence[str], eval_per_mille: int = 100) -> tuple[list[str], list[str]]:

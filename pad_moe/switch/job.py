@@ -58,19 +58,23 @@ def arch_from_run_config(cfg) -> SwitchArch:
 
 
 def switch_texts(cfg) -> list[str]:
-    """The run's documents: ``data.text_files`` when the config has them, else VADER (if installed), else toy text."""
+    """The run's documents: ``data.text_files`` when the config has them, else the installed VADER sentences."""
     files = getattr(cfg.data, "text_files", None)
     if files:
         return D.read_text_files(list(files))
-    texts = D.vader_texts()
-    return texts if texts else D.toy_texts(max(cfg.data.train_size, 64), seed=cfg.data.seed)
+    texts = D.vader_texts(cfg.data.cache_dir)
+    if not texts:
+        raise ValueError("span_corruption without data.text_files reads the VADER sentences, which are not installed: "
+                         "run `python -m pad_moe.data` (or bash tools/setup_env.sh), or set data.text_files")
+    return texts
 
 
 @register_job("switch")
 def build_switch_job(cfg, ep_rank: int) -> Seq2SeqJob:
     """Span-corruption pre-training of the Switch backbone named by ``cfg.model.preset`` (mode ``cfg.moe.mode``).
 
-    Vocabulary: word-level, built from the training split, ``model.vocab_size`` ids (the top 32 are sentinels).
+    Vocabulary: byte-level BPE trained on the training split (``tokenizers``) inside ``model.vocab_size`` ids, the top
+    32 (or vocab_size // 8) being the sentinels.
     Sequence length: ``model.max_seq_len`` input tokens; targets are padded to the longest possible target.
     """
     arch = arch_from_run_config(cfg)
@@ -80,7 +84,7 @@ def build_switch_job(cfg, ep_rank: int) -> Seq2SeqJob:
     if not eval_texts:
         eval_texts = train_texts[:max(1, len(train_texts) // 10)]
     num_sentinels = min(32, max(1, arch.vocab_size // 8))
-    vocab = D.WordVocab.build(train_texts, arch.vocab_size, num_sentinels=num_sentinels)
+    vocab = D.BpeVocab.build(train_texts, arch.vocab_size, num_sentinels=num_sentinels)
     L = cfg.model.max_seq_len
     train_set = D.SpanCorruptionDataset(train_texts, vocab, L, seed=cfg.data.seed)
     eval_set = D.SpanCorruptionDataset(eval_texts[:max(cfg.data.eval_size, 1)], vocab, L, seed=cfg.data.seed + 1)
