@@ -26,3 +26,9 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
     || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; } \
     || echo "setup_env: could not install dataset-fashion-mnist (apt-get install -y dataset-fashion-mnist); vision configs on fashion_mnist need it" >&2
 fi
+# The language-model corpus (WordNet glosses, Princeton WordNet licence) is a Debian package too; best effort.
+if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi
+  $SUDO apt-get install -y -q wordnet-base >/dev/null 2>&1 \
+    || echo "setup_env: could not install wordnet-base (apt-get install -y wordnet-base); data.task=wordnet needs it" >&2
+fi
