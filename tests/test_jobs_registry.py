@@ -13,12 +13,12 @@ from pad_moe.train.registry import register_job, registered_jobs
 
 
 def test_the_built_in_jobs_are_registered():
-    assert registered_jobs() == ["hf", "switch", "toy", "vision"]
+    assert registered_jobs() == ["causal_lm", "hf", "switch", "toy", "vision"]
 
 
 def test_an_unknown_arch_is_refused_in_one_line_naming_the_registered_ones():
     cfg = SimpleNamespace(model=SimpleNamespace(arch="rnn"))  # past the config's own check
-    with pytest.raises(ValueError, match=r"model.arch='rnn' has no training job; registered: hf, switch, toy, vision"
+    with pytest.raises(ValueError, match=r"model.arch='rnn' has no training job; registered: causal_lm, hf, switch, toy, vision"
                        ) as err:
         build_job(cfg, 0)
     assert "\n" not in str(err.value)
@@ -27,7 +27,7 @@ def test_an_unknown_arch_is_refused_in_one_line_naming_the_registered_ones():
 def test_a_second_builder_for_a_registered_arch_is_refused():
     with pytest.raises(ValueError, match="model.arch='toy' already has a training job"):
         register_job("toy")(lambda cfg, ep_rank: None)
-    assert registered_jobs() == ["hf", "switch", "toy", "vision"]
+    assert registered_jobs() == ["causal_lm", "hf", "switch", "toy", "vision"]
 
 
 def test_build_job_builds_the_toy_job_through_the_registry():
