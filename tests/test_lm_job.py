@@ -85,13 +85,36 @@ def test_bad_lm_configs_are_one_line(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_hf_moe_with_expert_parallelism_is_refused_at_build(tmp_path):
+@pytest.mark.parametrize("overrides, message", [
+    (["moe.ep_size=2"], "moe.ep_size=2.*AutoEP"),
+    (["moe.mode=pad", "moe.compact=true", "moe.granularity=neuron"], "moe.compact=True does not apply"),
+    (["moe.mask_sharing=expert"], "moe.mask_sharing=expert does not apply"),
+    (["moe.every=2"], "moe.every=2 does not apply"),
+])
+def test_moe_options_an_hf_moe_does_not_follow_are_refused_at_build(overrides, message):
     from pad_moe.config import load_config
     from pad_moe.lm.job import build_model
 
-    cfg = load_config(None, ["model.preset=lm-debug", "moe.ep_size=2"])
-    with pytest.raises(ValueError, match="moe.ep_size=2.*AutoEP"):
+    cfg = load_config(None, ["model.preset=lm-debug", *overrides])
+    with pytest.raises(ValueError, match=message):
         build_model(cfg, 320, 0)
+
+
+def test_a_checkpoints_experts_and_top_k_are_not_overridden(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from pad_moe.config import load_config
+    from pad_moe.lm.job import build_model
+
+    MixtralForCausalLM(MixtralConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)).save_pretrained(tmp_path)
+    cfg = load_config(None, ["model.arch=causal_lm", f"model.path={tmp_path}", "data.task=vader", "moe.mode=moe"])
+    with pytest.raises(ValueError, match=f"moe.num_experts=8, moe.k=2 but {tmp_path} has 4 experts, top 2"):
+        build_model(cfg, 320, 0)
+    model, is_moe = build_model(load_config(None, ["model.arch=causal_lm", f"model.path={tmp_path}",
+                                                   "data.task=vader", "moe.mode=pad", "moe.num_experts=4"]), 320, 0)
+    assert is_moe and model.config.model_type == "mixtral"
 
 
 COMMON = ["train.ds_config=configs/ds_zero2.json", "train.micro_batch_size=8", "train.steps=16", "train.lr=0.003",

@@ -97,12 +97,34 @@ def build_model(cfg: RunConfig, vocab_size: int, ep_rank: int):
             raise ValueError(f"moe.ep_size={cfg.moe.ep_size}: padmoe train keeps an HF MoE model's experts on every "
                              "rank (data parallel); expert parallelism for these families is DeepSpeed AutoEP "
                              "(pad_moe.moe.autoep). Set moe.ep_size=1")
+        _check_hf_moe_options(cfg, model, family)
         model.config.output_router_logits = True
         if cfg.moe.mode == "pad":
             import_hf_moe(model, granularity=cfg.moe.granularity, scale_mode=cfg.moe.scale_mode)
         return model, True
     upcycle_from_config(model, cfg.moe, ep_rank=ep_rank)
     return model, False
+
+
+def _check_hf_moe_options(cfg: RunConfig, model, family: str) -> None:
+    """The moe options an HF MoE model does not follow are refused, not ignored: its experts, top-k and dropless
+    routing are its own, its PAD experts share one mask per layer and are compacted at export."""
+    from pad_moe.hfmoe.experts import moe_blocks
+
+    moe = cfg.moe
+    blocks = moe_blocks(model)
+    experts = blocks[0][1].gate.weight.shape[0] if blocks else 0
+    top_k = getattr(model.config, "num_experts_per_tok", None)
+    where = cfg.model.path or f"model.family={family}"
+    if moe.num_experts != experts or moe.k != top_k:
+        raise ValueError(f"moe.num_experts={moe.num_experts}, moe.k={moe.k} but {where} has {experts} experts, top "
+                         f"{top_k}; set moe.num_experts={experts} moe.k={top_k} (an HF MoE keeps its own)")
+    for name, value, allowed in (("every", moe.every, 1), ("drop_tokens", moe.drop_tokens, False),
+                                 ("mask_sharing", moe.mask_sharing, "layer"), ("compact", moe.compact, False)):
+        if value != allowed:
+            raise ValueError(f"moe.{name}={value} does not apply to the {family} MoE model (every layer sparse, "
+                             "dropless, one mask per layer, compacted at export to RUN_DIR/deployed); set "
+                             f"moe.{name}={allowed}")
 
 
 @register_job("causal_lm")
