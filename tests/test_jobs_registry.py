@@ -18,8 +18,8 @@ def test_the_built_in_jobs_are_registered():
 
 def test_an_unknown_arch_is_refused_in_one_line_naming_the_registered_ones():
     cfg = SimpleNamespace(model=SimpleNamespace(arch="rnn"))  # past the config's own check
-    with pytest.raises(ValueError, match=r"model.arch='rnn' has no training job; registered: causal_lm, hf, switch, toy, vision"
-                       ) as err:
+    with pytest.raises(ValueError,
+                       match=r"model.arch='rnn' has no training job; registered: causal_lm, hf, switch, toy, vision") as err:
         build_job(cfg, 0)
     assert "\n" not in str(err.value)
 
