@@ -168,3 +168,28 @@ def test_counts_from_config_match_the_export(tmp_path):
     assert meta["params_stored"] == pad["params"]
     with pytest.raises(ValueError, match="--kappa"):
         count_hf_moe(str(tmp_path / "src"), mode="pad")
+
+
+@pytest.mark.parametrize("name, total, active", [
+    ("mixtral-8x7b", 46.7e9, 12.9e9),  # Mistral AI's published figures
+    ("olmoe-1b-7b", 6.9e9, 1.3e9),  # OLMoE paper: 6.9B total, 1.3B active
+    ("qwen1.5-moe-a2.7b", 14.3e9, 2.7e9),  # Qwen1.5-MoE-A2.7B model card
+    ("qwen3-30b-a3b", 30.5e9, 3.3e9),  # Qwen3 model card
+])
+def test_preset_counts_match_the_published_totals(name, total, active):
+    from pad_moe.hfmoe.count import count_hf_moe
+
+    r = count_hf_moe(name, mode="moe")
+    assert abs(r["params"] / total - 1) < 0.01 and abs(r["params_active"] / active - 1) < 0.025, r
+    pad = count_hf_moe(name, mode="pad", kappa=0.5)
+    assert r["params_active"] > pad["params_active"] and pad["params"] < r["params"]
+
+
+def test_count_command_on_a_preset_prints_one_json_line(capsys):
+    from pad_moe.deploy.count import count_main
+
+    assert count_main(["mixtral-8x7b", "--mode", "pad", "--kappa", "0.5", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    r = __import__("json").loads(out[-1])
+    assert r["family"] == "mixtral" and r["kappa"] == 0.5 and 25e9 < r["params"] < 30e9
+    assert count_main(["mixtral-8x7b", "--experts", "4"]) == 2

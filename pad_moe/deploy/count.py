@@ -258,9 +258,9 @@ def _count_command(args) -> int:
     if _given(args, _VISION_FLAGS):
         raise UsageError(f"{_given(args, _VISION_FLAGS)[0]} applies to vision models, not {args.target!r}")
     dtype = args.dtype or "fp32"
-    from pad_moe.hfmoe.count import is_hf_moe_folder
+    from pad_moe.hfmoe.count import is_hf_moe_target
 
-    if os.path.isdir(args.target) and is_hf_moe_folder(args.target):
+    if is_hf_moe_target(args.target):
         return _count_hf_moe(args, dtype)
     arch = None
     if os.path.isfile(args.target):  # a run config: load it once, count a vision model or build its Arch
