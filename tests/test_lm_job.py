@@ -185,3 +185,33 @@ def test_pad_from_scratch_partitions_and_its_export_gives_the_reported_perplexit
     assert perplexity(deployed, job.eval_sets["heldout"])["perplexity"] == pytest.approx(
         summary["eval"]["heldout"]["perplexity"], rel=1e-4)
     assert os.path.isfile(tmp_path / "pad" / "deployed" / "tokenizer.json")
+
+
+def _train_folder(rank, world, out, folder):
+    from pad_moe.config import load_config
+    from pad_moe.train.loop import train
+
+    cfg = load_config(None, ["model.arch=causal_lm", f"model.path={folder}", "data.task=vader", "data.max_length=32",
+                             "data.max_train=128", "data.max_eval=8", "moe.mode=pad", "moe.num_experts=4",
+                             "partition.warmup_steps=3", "partition.iterations=2", "partition.num_batches=2",
+                             "train.ds_config=configs/ds_zero2.json", "train.micro_batch_size=8", "train.steps=6",
+                             "train.lr=0.003", f"output_dir={out}", "name=dense"])
+    return train(cfg)
+
+
+def test_a_dense_decoder_folder_with_its_own_tokenizer_is_upcycled_and_trained(tmp_path):
+    """model.path: a local Llama folder (its tokenizer saved beside it) upcycled to PAD, partitioned after warm-up."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pad_moe.lm.tokenizer import train_bpe
+
+    tokenizer = train_bpe(C.vader_sentences()[:1500], 300)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64)).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    summary = run_ranks(_train_folder, 1, str(tmp_path), str(tmp_path / "llama"), timeout=300)[0]
+    assert len(summary["losses"]) == 6 and summary["partition"]["warmup_steps"] == 3
+    assert summary["params_compact"] < summary["params_training"]
+    assert 1 < summary["eval"]["heldout"]["perplexity"] < 300
+    assert "exported" not in summary  # an upcycled dense model stays in its checkpoints
