@@ -95,7 +95,8 @@ def report(record: str) -> str:
         if name.endswith(".json"):
             with open(os.path.join(record, name)) as f:
                 s = json.load(f)
-            rows[s["tag"]] = s
+            if "tag" in s:  # pretrain-summary.json is not a cell
+                rows[s["tag"]] = s
     if not rows:
         return "no finished cells"
     ref = rows.get("imp-k1")
