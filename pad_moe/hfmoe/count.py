@@ -22,7 +22,6 @@ import torch
 
 from pad_moe.errors import UsageError
 
-
 HF_MOE_PRESETS: dict[str, tuple[str, dict]] = {
     # name -> (model_type, config fields) of published checkpoints (their config.json), for counting without weights
     "mixtral-8x7b": ("mixtral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -48,7 +47,7 @@ def is_hf_moe_target(target: str) -> bool:
 
 
 def _config(target: str):
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     if target in HF_MOE_PRESETS:
         model_type, fields = HF_MOE_PRESETS[target]
