@@ -163,6 +163,7 @@ def _heal(model, batches, steps: int, lr: float, batch_size: int) -> list[float]
     """``steps`` AdamW steps of next-token loss on the calibration batches; only the PAD parts train."""
     from pad_moe import distributed as D
     from pad_moe.hfmoe.experts import PadHFExperts, moe_blocks
+    from pad_moe.partition.collectives import world_size
 
     trainable = set()
     for _, block in moe_blocks(model):
@@ -183,16 +184,10 @@ def _heal(model, batches, steps: int, lr: float, batch_size: int) -> list[float]
         loss = lm_loss(engine, batches[step % len(batches)])
         engine.backward(loss)
         engine.step()
-        losses.append(float(D.all_reduce_(loss.detach().clone())) / max(1, _world()))
+        losses.append(float(D.all_reduce_(loss.detach().clone())) / world_size())
     for p in model.parameters():
         p.requires_grad_(True)
     return losses
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def compress(model_dir: str, *, out: str, calib: str, kappa: Optional[float] = None, method: str = "imp",
