@@ -115,8 +115,14 @@ def test_vader_sentences_are_read_when_installed(tmp_path):
 
 
 def test_bad_text_input_names_the_value(tmp_path):
+    import pad_moe.switch.job as J
+
     with pytest.raises(ValueError, match="nope.txt"):
-        D.read_text_files([str(tmp_path / "nope.txt")])
+        J.switch_texts(switch_config("switch-debug", ["name=sw", f"data.text_files=[{tmp_path / 'nope.txt'}]"]))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))  # was decoded with replacement characters, silently
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        J.switch_texts(switch_config("switch-debug", ["name=sw", f"data.text_files=[{latin1}]"]))
     with pytest.raises(ValueError, match="vocab_size=100 is too small"):
         D.BpeVocab.build(["a b"], size=108, num_sentinels=8)
 

@@ -135,18 +135,6 @@ def collate(items: list, input_length: int, target_length: int) -> dict[str, tor
 
 
 # -- texts --------------------------------------------------------------------------------------------------------------
-def read_text_files(paths: Sequence[str]) -> list[str]:
-    texts = []
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"text file {path!r} does not exist; pass existing files (one document per line)")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            texts += [line.strip() for line in f if line.strip()]
-    if not texts:
-        raise ValueError(f"the text files {list(paths)} hold no non-empty line")
-    return texts
-
-
 def vader_texts(cache_dir: Optional[str] = None) -> Optional[list[str]]:
     """The VADER movie-review sentences when pad_moe.data.vader has them installed locally (never downloads)."""
     try:

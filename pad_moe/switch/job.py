@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pad_moe.lm.corpus import read_text_files
 from pad_moe.switch import data as D
 from pad_moe.switch.model import build_switch
 from pad_moe.switch.presets import SWITCH_ALIASES, SWITCH_ARCHS, SwitchArch, get_arch
@@ -61,7 +62,7 @@ def switch_texts(cfg) -> list[str]:
     """The run's documents: ``data.text_files`` when the config has them, else the installed VADER sentences."""
     files = getattr(cfg.data, "text_files", None)
     if files:
-        return D.read_text_files(list(files))
+        return read_text_files(list(files))  # the causal-LM job's reader: UTF-8 or one line
     texts = D.vader_texts(cfg.data.cache_dir)
     if not texts:
         raise ValueError("span_corruption without data.text_files reads the VADER sentences, which are not installed: "
