@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Optional
@@ -115,18 +114,17 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, blocks, batch_size: int = 16) -> dict[str, float]:
-    """Held-out perplexity (exp of the mean next-token loss over every block) and next-token accuracy."""
+    """Held-out perplexity (exp of the mean next-token loss over every block) and next-token accuracy: the
+    causal-LM job's evaluation (``token_rows`` / ``lm_metrics``) on one process."""
+    from pad_moe.lm.job import lm_metrics, token_rows
+
     model.eval()
-    total, correct, count = 0.0, 0, 0
+    rows = []
     for i in range(0, len(blocks), batch_size):
         batch = blocks.collate([blocks[j] for j in range(i, min(i + batch_size, len(blocks)))])
-        logits = model(input_ids=batch["input_ids"]).logits.float()
-        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        count += batch["labels"].numel()
-    loss = total / count
-    return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss, "token_accuracy": correct / count,
-            "tokens": count}
+        rows.append(token_rows(model(input_ids=batch["input_ids"]).logits, batch["labels"]))
+    rows = torch.cat(rows)
+    return {**lm_metrics(rows, None), "tokens": int(rows[:, 1].sum())}
 
 
 def _drop_experts(model, frequency: dict[str, torch.Tensor], keep: int):

@@ -44,10 +44,14 @@ class CausalLMJob(Job):
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
     def eval_rows(self, logits: torch.Tensor, batch) -> torch.Tensor:
-        labels = batch["labels"]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # (B, L)
-        correct = (logits.argmax(-1) == labels).float()
-        return torch.stack([nll.sum(1), torch.full_like(nll[:, 0], labels.shape[1]), correct.sum(1)], dim=1)
+        return token_rows(logits, batch["labels"])
+
+
+def token_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence: (summed next-token NLL, token count, correct next tokens), for ``lm_metrics``."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # (B, L)
+    correct = (logits.argmax(-1) == labels).float()
+    return torch.stack([nll.sum(1), torch.full_like(nll[:, 0], labels.shape[1]), correct.sum(1)], dim=1)
 
 
 def lm_metrics(rows: torch.Tensor, _labels: torch.Tensor) -> dict[str, float]:
