@@ -85,3 +85,24 @@ def _accumulate(m: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> None:
              f"{key}_outer" if key == "g" else f"{key}_sq": second}
     for k, v in parts.items():
         m[k] = m[k] + v if k in m else v
+
+
+@torch.no_grad()
+def expert_divergence(model: nn.Module) -> dict[str, float]:
+    """Per MoE layer whose experts are all local: how far its experts have moved apart, the mean over weight entries
+    of the variance across experts divided by the mean squared entry (0: identical copies, as right after exact
+    upcycling; about 1 for independently initialised experts). Layers split over expert-parallel ranks are left out."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoEFFN):
+            if module.ep_size != 1:
+                continue
+            W = effective_expert_weights(module).double()
+        elif hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and module.gate_up_proj.dim() == 3:
+            W = torch.cat([module.gate_up_proj.detach().flatten(1), module.down_proj.detach().flatten(1)], 1).double()
+        else:
+            continue
+        if W.shape[0] < 2:
+            continue
+        out[name] = float(W.var(0, unbiased=False).mean() / W.pow(2).mean().clamp_min(1e-30))
+    return out

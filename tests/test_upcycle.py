@@ -248,3 +248,15 @@ def test_wrapper_is_a_plain_module_in_the_hf_tree():
     assert isinstance(layer.intermediate, UpcycledFFN) and isinstance(layer.output.dense, nn.Identity)
     assert not any("intermediate.dense" in k or ("output.dense" in k and "attention" not in k)
                    for k in model.state_dict())
+
+
+def test_upcycle_from_config_seeds_the_router_from_the_run_seed():
+    """The routers were seeded 0 for every run seed (seed spread left out router-initialisation variance)."""
+    def routers(seed):
+        model = tiny_model("bert")
+        upcycle_from_config(model, MoEConfig(mode="moe", num_experts=4), seed=seed)
+        return [f.block.gate_weight.detach().clone() for f in upcycled_ffns(model).values()]
+
+    a, b, c = routers(0), routers(0), routers(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not any(torch.equal(x, z) for x, z in zip(a, c, strict=True))

@@ -106,7 +106,7 @@ def build_model(cfg: RunConfig, vocab_size: int, ep_rank: int):
         if cfg.moe.mode == "pad":
             import_hf_moe(model, granularity=cfg.moe.granularity, scale_mode=cfg.moe.scale_mode)
         return model, True
-    upcycle_from_config(model, cfg.moe, ep_rank=ep_rank)
+    upcycle_from_config(model, cfg.moe, ep_rank=ep_rank, seed=cfg.train.seed)
     return model, False
 
 

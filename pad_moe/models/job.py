@@ -48,7 +48,7 @@ def build_hf_job(cfg: RunConfig, ep_rank: int) -> Job:
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=info.num_labels, num_hidden_layers=cfg.model.num_layers,
         problem_type="regression" if info.num_labels == 1 else "single_label_classification")
-    upcycle_from_config(model, cfg.moe, ep_rank=ep_rank)
+    upcycle_from_config(model, cfg.moe, ep_rank=ep_rank, seed=cfg.train.seed)
     if cfg.model.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.model.pooling == "mean":

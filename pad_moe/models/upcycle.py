@@ -197,10 +197,12 @@ def upcycle(hf_model: nn.Module, *, mode: str = "pad", num_experts: int = 8, k: 
     return hf_model
 
 
-def upcycle_from_config(hf_model: nn.Module, moe_cfg, ep_rank: int = 0) -> nn.Module:
+def upcycle_from_config(hf_model: nn.Module, moe_cfg, ep_rank: int = 0, seed: int = 0) -> nn.Module:
     """``upcycle`` with the fields of a ``pad_moe.config.MoEConfig``. An unset ``drop_tokens`` (None) is dropless, as
-    for every upcycled model (``MoEConfig.resolve_drop_tokens``); capacity dispatch needs ``drop_tokens=True``."""
+    for every upcycled model (``MoEConfig.resolve_drop_tokens``); capacity dispatch needs ``drop_tokens=True``.
+    ``seed`` seeds the routers (the run's ``train.seed``, so that seeds vary the router initialisation too)."""
     kwargs = {name: getattr(moe_cfg, name) for name in _UPCYCLE_FIELDS}
+    kwargs["seed"] = seed
     kwargs["drop_tokens"] = moe_cfg.resolve_drop_tokens(upcycled=True)
     kwargs["dispatch"] = moe_cfg.resolve_dispatch(upcycled=True)
     upcycle(hf_model, ep_size=moe_cfg.ep_size, ep_rank=ep_rank, **kwargs)

@@ -153,6 +153,7 @@ def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, engine=None) 
     dynamic training) the engine's module is scored as it is. The score uses the task loss (the paper's), plus the
     load-balancing loss when partition.score_loss is 'task+aux'.
     """
+    from pad_moe.analysis import expert_divergence
     from pad_moe.partition import partition_from_config
 
     model = job.model if engine is None else engine.module
@@ -164,6 +165,7 @@ def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, engine=None) 
         return total if with_aux else task
 
     part_batches = [batches.batch(g) for g in range(cfg.partition.num_batches)]
+    divergence = expert_divergence(model)  # how far the experts moved apart before they are partitioned (Fig. 6)
     if engine is not None:
         report = partition_from_config(model, part_batches, loss_fn, cfg.partition)
     else:
@@ -174,6 +176,7 @@ def run_partition(job: Job, cfg: RunConfig, batches: MicroBatches, engine=None) 
             D.detach_expert_groups(model)
     record = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     record["warmup_steps"] = cfg.partition.warmup_steps
+    record["expert_divergence"] = divergence
     return record
 
 
