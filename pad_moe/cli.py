@@ -70,7 +70,11 @@ def _config(args) -> int:
     path, overrides = args.config, list(args.overrides)
     if path is not None and "=" in path and not os.path.exists(path):  # `padmoe config a.b=1`: no file, overrides
         path, overrides = None, [path, *overrides]
-    print(yaml.safe_dump(to_dict(load_config(path, overrides)), sort_keys=False), end="")
+    cfg = load_config(path, overrides)
+    from pad_moe.train.loop import preflight
+
+    preflight(cfg)  # the checks train makes before it loads anything
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 

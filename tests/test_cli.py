@@ -72,3 +72,14 @@ def test_python_m_pad_moe_deploy_is_padmoe_restricted_to_deploy_commands():
     assert proc.returncode == 2 and proc.stderr.strip() == ("padmoe reshard: error: --ep 2 must divide --world 3 "
                                                            "(DeepSpeed forms expert-parallel groups of ep "
                                                            "consecutive ranks)"), proc.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["moe.mode=pad", "train.steps=5", "partition.warmup_steps=5"], "partition.warmup_steps=5 is not below"),
+    (["train.ds_config=configs/nope.json"], "train.ds_config='configs/nope.json' does not exist"),
+])
+def test_config_applies_the_checks_train_makes_before_loading(overrides, message, capsys):
+    """`padmoe config` passed these and `padmoe train` refused them only after the model had loaded."""
+    assert main(["config", "configs/debug.yaml", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err

@@ -40,3 +40,16 @@ def test_the_installed_version_satisfies_the_pin(requirement):
     public = re.sub(r"\+.*$", "", installed)  # torch's local label (+cpu) is no part of the release
     assert requirement.specifier.contains(public, prereleases=True), (
         f"installed {requirement.name} {installed} does not satisfy pyproject.toml's {requirement}")
+
+
+def test_installing_the_package_prints_nothing():
+    """A fresh machine's `pip install -q` printed setuptools' project.license deprecation wall (a table, not SPDX)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation",
+                           "-q", "-e", ROOT], capture_output=True, text=True, env={**os.environ, "PIP_NO_INDEX": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if "license" in line.lower()
+             or "deprecat" in line.lower()]
+    assert not noise, noise[:5]

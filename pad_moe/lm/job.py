@@ -20,6 +20,7 @@ stay in the run's checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pad_moe.config import RunConfig
+from pad_moe.config import MoEConfig, RunConfig
 from pad_moe.lm.corpus import PackedBlocks, load_corpus, split_documents
 from pad_moe.lm.tokenizer import encode_all, model_tokenizer, train_bpe
 from pad_moe.train.job import Job
@@ -92,6 +93,7 @@ def build_model(cfg: RunConfig, vocab_size: int, ep_rank: int):
                              f"{model.get_input_embeddings().weight.shape[0]}; use the model's own tokenizer")
     else:
         model = AutoModelForCausalLM.from_config(from_scratch_config(cfg, vocab_size), dtype=torch.float32)
+    _check_causal(model, cfg.model.path)
     family = model.config.model_type
     if family in HF_MOE_FAMILIES:
         if cfg.moe.mode == "static":
@@ -110,6 +112,31 @@ def build_model(cfg: RunConfig, vocab_size: int, ep_rank: int):
     return model, False
 
 
+@torch.no_grad()
+def _check_causal(model, where) -> None:
+    """Refuse a model whose earlier positions see later tokens (a BERT folder loads as BertLMHeadModel and would
+    train on next-token prediction while attending to its labels): change the last token, the logits before it must
+    stay the same."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(0))
+    edited = ids.clone()
+    edited[0, -1] = (ids[0, -1] + 1) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        a, b = (model(input_ids=x).logits[0, :-1] for x in (ids, edited))
+    finally:
+        model.train(was_training)
+    if not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
+        raise ValueError(f"model.path={where}: {type(model).__name__} is not causal (its earlier positions see later "
+                         "tokens), so next-token training would see its labels; model.arch=causal_lm needs a decoder "
+                         "(Llama, Mistral, Qwen, Mixtral, GPT-2, ...); train encoders with model.arch=hf")
+
+
+HF_MOE_FOLLOWS = ("mode", "num_experts", "k", "ep_size", "aux_loss_coef", "granularity", "scale_mode")
+"""The moe options an HF MoE model follows; every other one must keep its default (dropless is its dispatch)."""
+
+
 def _check_hf_moe_options(cfg: RunConfig, model, family: str) -> None:
     """The moe options an HF MoE model does not follow are refused, not ignored: its experts, top-k and dropless
     routing are its own, its PAD experts share one mask per layer and are compacted at export."""
@@ -123,12 +150,15 @@ def _check_hf_moe_options(cfg: RunConfig, model, family: str) -> None:
     if moe.num_experts != experts or moe.k != top_k:
         raise ValueError(f"moe.num_experts={moe.num_experts}, moe.k={moe.k} but {where} has {experts} experts, top "
                          f"{top_k}; set moe.num_experts={experts} moe.k={top_k} (an HF MoE keeps its own)")
-    for name, value, allowed in (("every", moe.every, 1), ("drop_tokens", moe.drop_tokens, False),
-                                 ("mask_sharing", moe.mask_sharing, "layer"), ("compact", moe.compact, False)):
-        if value != allowed:
-            raise ValueError(f"moe.{name}={value} does not apply to the {family} MoE model (every layer sparse, "
-                             "dropless, one mask per layer, compacted at export to RUN_DIR/deployed); set "
-                             f"moe.{name}={allowed}")
+    defaults = MoEConfig()
+    implied = {"drop_tokens": (None, False), "dispatch": (None, "dropless")}
+    for f in dataclasses.fields(MoEConfig):
+        value = getattr(moe, f.name)
+        allowed = implied.get(f.name, (getattr(defaults, f.name),))
+        if f.name not in HF_MOE_FOLLOWS and value not in allowed:
+            raise ValueError(f"moe.{f.name}={value} does not apply to the {family} MoE model (its own experts, "
+                             "activation and router, every layer sparse, dropless, one mask per layer, compacted at "
+                             f"export to RUN_DIR/deployed); drop it (default {allowed[-1]})")
 
 
 @register_job("causal_lm")

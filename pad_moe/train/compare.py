@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,10 +37,11 @@ def run_mode(config: str, mode: str, name: str, ranks: int, overrides: list[str]
            f"moe.mode={mode}", f"name={name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     print(f"[compare] {mode}: {' '.join(cmd[1:])}", flush=True)
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-25:])
-        raise SystemExit(f"[compare] {mode} failed (exit {proc.returncode}):\n{tail}")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    tail = follow_progress(proc.stdout, name)
+    if proc.wait() != 0:
+        raise SystemExit(f"[compare] {mode} failed (exit {proc.returncode}):\n" + "\n".join(tail))
     cfg = load_config(config, [*overrides, f"moe.mode={mode}", f"name={name}"])
     with open(os.path.join(cfg.run_dir, "summary.json")) as f:
         summary = json.load(f)
@@ -47,6 +49,43 @@ def run_mode(config: str, mode: str, name: str, ranks: int, overrides: list[str]
     subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "plot_run.py"), cfg.run_dir],
                    stdout=subprocess.DEVNULL, cwd=REPO_ROOT, check=False)
     return summary
+
+
+_BAR = re.compile(r"(\d+)/(\d+) \[([0-9:]+)<([0-9:?]+)[^\]]*?(?:loss=([0-9.naif]+))?\]")
+
+
+def follow_progress(stream, label: str, out=None, keep: int = 25) -> list[str]:
+    """Show the run's progress bar as one live line on ``out`` (default stderr; on a terminal it is rewritten in
+    place, otherwise printed at every 10 % of the steps) and return the last ``keep`` lines of its output for an
+    error message. The run's own output is otherwise kept off the screen (the final table is the report)."""
+    out = out or sys.stderr
+    live = out.isatty()
+    tail: list[str] = []
+    shown, pending = -1, ""
+    while True:
+        chunk = stream.read(256)
+        if not chunk:
+            break
+        pending += chunk
+        *parts, pending = re.split(r"[\r\n]", pending)
+        for part in parts:
+            if not part.strip():
+                continue
+            tail = (tail + [part])[-keep:]
+            m = _BAR.search(part)
+            if m is None:
+                continue
+            step, total, elapsed, eta, loss = m.groups()
+            decile = int(step) * 10 // max(int(total), 1)
+            if not live and decile == shown:
+                continue
+            shown = decile
+            line = f"[compare] {label}: step {step}/{total}" + (f" loss {loss}" if loss else "") + \
+                f" elapsed {elapsed} ETA {eta}"
+            print(f"\r{line:<78}" if live else line, end="" if live else "\n", file=out, flush=True)
+    if live and shown >= 0:
+        print(file=out, flush=True)
+    return tail
 
 
 EVIDENCE = "docs/results.md (tools/evidence_main_job.py: 5 seeds, paired differences with 95 % CIs)"

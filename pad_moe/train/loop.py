@@ -192,6 +192,20 @@ def plan_steps(cfg: RunConfig, batches: MicroBatches, is_pad: bool) -> tuple[int
     return total_steps, steps_per_epoch
 
 
+def preflight(cfg: RunConfig, world: int = 1) -> None:
+    """The checks of a run that need neither data nor model: ``padmoe config`` runs them, and ``train`` runs them
+    before it loads anything (a bad DeepSpeed config or warm-up length used to be refused after the model loaded)."""
+    p = cfg.partition
+    if cfg.moe.mode == "pad" and p.enabled and cfg.train.steps and p.warmup_steps >= cfg.train.steps:
+        raise D.UsageError(f"partition.warmup_steps={p.warmup_steps} is not below train.steps={cfg.train.steps}: the "
+                           "partition would never run and this 'pad' run would train a plain MoE; lower "
+                           "partition.warmup_steps or raise train.steps")
+    ds = D.build_ds_config(cfg, world, max(cfg.train.steps, 1))
+    D.check_ds_config(ds, cfg.train.ds_config)
+    if cfg.moe.mode == "pad" and cfg.moe.compact and p.warmup_steps:
+        D.check_rebuildable(ds, cfg)
+
+
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Train per cfg; returns the run summary (also written to RUN_DIR/summary.json on rank 0).
 
@@ -203,6 +217,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     rank, world = D.init_distributed()
     point = state.find_resume_point(cfg.run_dir, world) if resume else None  # a world-size change: reshard first
     ep_rank = D.expert_parallel_rank(rank, world, cfg.moe.ep_size)
+    preflight(cfg, world)
     job = build_job(cfg, ep_rank)
     batches = MicroBatches(job.train_set, job.collate, cfg.train.micro_batch_size, rank, world, cfg.data.seed)
     is_pad = any(True for _ in pad_modules(job.model))
