@@ -115,7 +115,7 @@ def test_each_launch_takes_a_free_rendezvous_port(monkeypatch, tmp_path):
         seen.append(cmd)
         raise Done
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "Popen", fake_run)
     with socket.socket() as busy:  # hold 29500 if we can, as another job would
         try:
             busy.bind(("127.0.0.1", 29500))
@@ -141,3 +141,41 @@ def test_the_main_job_shows_one_progress_line_per_tenth_of_a_run():
     assert [line.split()[3] for line in lines] == [f"{i}/20" for i in (1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)]
     assert lines[-1] == "[compare] pad: step 20/20 loss 0.50 elapsed 00:00 ETA 00:00"
     assert tail[0] == "[2026] loading" and tail[-1] == '{"name": "run-pad"}'
+
+
+def test_the_small_data_study_has_its_own_tags_and_record():
+    evidence = load_evidence()
+    tags = [c[0] for c in evidence.cells(["small5"])]
+    assert len(tags) == 2 * 5 * 3 and all(t.startswith("small5-vader-movies") for t in tags)
+    assert {c[4] for c in evidence.cells(["small5"])} == {("data.max_train=2490", "train.epochs=5")}
+    assert evidence.TAG.fullmatch("small5-vader-movies-reg-pad-k0.5-s4")["study"] == "small5-"
+    with pytest.raises(SystemExit):  # one folder per invocation: its cells never mix with the one-epoch record
+        evidence.main(["--study", "small5", "--study", "main", "--report"])
+
+
+def load_pretrain():
+    spec = importlib.util.spec_from_file_location("evidence_pretrain", os.path.join(REPO, "tools",
+                                                                                     "evidence_pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_report_pairs_by_seed_and_plots(tmp_path):
+    pretrain = load_pretrain()
+    ppl = {"dense": [60.0, 62.0, 61.0], "moe": [50.0, 53.0, 51.0], "pad-w250": [49.0, 52.5, 51.5]}
+    for name, values in ppl.items():
+        for seed, v in enumerate(values):
+            record = {"eval": {"heldout": {"perplexity": v, "token_accuracy": 0.2}}, "params_training": 5e6,
+                      "params_compact": 3e6 if name.startswith("pad") else 5e6, "step_seconds": [0.5, 0.7, 0.6],
+                      "memory": {"state_bytes": 2 ** 20}, "wall_time_s": 60.0, "losses": [8.0 - i / 10 for i in range(30)],
+                      "partition": {"expert_divergence": {"a": 0.8, "b": 0.6}} if name.startswith("pad") else None}
+            (tmp_path / f"{name}-s{seed}.json").write_text(json.dumps(record))
+    text = pretrain.report(str(tmp_path))
+    mean, low, high = pretrain.t_interval([a - b for a, b in zip(ppl["moe"], ppl["dense"])])
+    assert f"| moe − dense | 3 | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] |" in text
+    assert "| pad-w250 | 3 | 5.00M | 3.00M | 51.00 ± 1.80 | 0.2000 | 0.600 | 1.0 | 0.700 |" in text
+    for path in pretrain.plot(str(tmp_path), str(tmp_path / "png")):
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"

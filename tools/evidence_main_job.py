@@ -74,9 +74,16 @@ STUDIES: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[Variant, ...], 
     "scale": ((MOVIES,), (0, 1, 2), tuple(pad(0.5, f"-scale_{m}", f"moe.scale_mode={m}")
                                           for m in ("none", "static", "dynamic", "both", "unconstrained")), ()),
     "full6": ((MOVIES,), (0, 1, 2), (STATIC, MOE, PAD), ("model.preset=minilm",)),
+    # the paper's small-task regime (its largest gains are on RTE / STS-B): a fixed 2,490-sentence subset, 5 epochs
+    "small5": ((MOVIES, REGRESSION), (0, 1, 2, 3, 4), (STATIC, MOE, PAD), ("data.max_train=2490", "train.epochs=5")),
 }
-PAIRS = (("pad-k0.5", "moe"), ("pad-k0.5", "static"), ("moe", "static"))
-TAG = re.compile(r"(?P<study>full6-)?(?P<task>vader-[a-z]+(?:-reg)?)-(?P<variant>.+)-s(?P<seed>\d+)")
+PREFIXED = ("full6", "small5")
+"""Studies whose cells are tagged with the study's name (they differ from the one-epoch cells of the same variant)."""
+OWN_RECORD = {"small5": os.path.join(REPO_ROOT, "docs", "evidence", "small5")}
+"""Studies recorded in a folder of their own (their cells must never mix with the one-epoch record)."""
+PAIRS = (("pad-k0.5", "moe"), ("pad-k0.5", "static"), ("moe", "static"), ("pad-random-k0.5", "pad-k0.5"),
+         ("pad-oneshot-k0.5", "pad-k0.5"), ("pad-moe_p-k0.5", "pad-k0.5"), ("pad-random-k0.5", "pad-oneshot-k0.5"))
+TAG = re.compile(r"(?P<study>(?:full6|small5)-)?(?P<task>vader-[a-z]+(?:-reg)?)-(?P<variant>.+)-s(?P<seed>\d+)")
 
 
 def cells(studies: list[str]):
@@ -85,7 +92,7 @@ def cells(studies: list[str]):
     seen = set()
     for study in studies:
         tasks, seeds, variants, extra = STUDIES[study]
-        prefix = "full6-" if study == "full6" else ""
+        prefix = f"{study}-" if study in PREFIXED else ""
         for task in tasks:
             for seed in seeds:
                 for variant in variants:
@@ -153,6 +160,13 @@ def _metric(summary: dict, split: str | None = None) -> float:
     return evals[split or next(iter(evals))][summary["main_metric"]]
 
 
+def _parameter_variance(runs: dict[int, dict]) -> str:
+    """Mean over seeds and MoE layers of the final evaluation's dynamics/parameter_variance (how far the experts
+    a token sees differ; 0 for a dense model)."""
+    values = [v for r in runs.values() for k, v in (r.get("dynamics") or {}).items() if "parameter_variance" in k]
+    return f"{statistics.mean(values):.2e}" if values else "–"
+
+
 def _variant_order(name: str) -> tuple:
     base = {"static": 0, "moe": 1}.get(name)
     if base is not None:
@@ -163,8 +177,8 @@ def _variant_order(name: str) -> tuple:
 
 def report(record: str) -> str:
     found = collect(record)
-    lines = ["| task | variant | seeds | params (training) | params (stored) | dev metric mean ± std | per seed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | variant | seeds | params (training) | params (stored) | dev metric mean ± std | per seed | "
+             "parameter variance (Fig. 6) |", "|---|---|---|---|---|---|---|---|"]
     for task, variant in sorted(found, key=lambda k: (k[0], _variant_order(k[1]))):
         runs = found[task, variant]
         values = [_metric(runs[s]) for s in sorted(runs)]
@@ -172,7 +186,7 @@ def report(record: str) -> str:
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
         lines.append(f"| {task} | {variant} | {len(values)} | {first['params_training'] / 1e6:.2f}M | "
                      f"{first['params_compact'] / 1e6:.2f}M | {first['main_metric']} {statistics.mean(values):.4f} "
-                     f"± {std:.4f} | {' '.join(f'{v:.4f}' for v in values)} |")
+                     f"± {std:.4f} | {' '.join(f'{v:.4f}' for v in values)} | {_parameter_variance(runs)} |")
     lines += ["", "Paired differences (same seed: same data order and head initialisation), 95 % t interval:", "",
               "| task | difference | seeds | mean | 95 % CI | per seed |", "|---|---|---|---|---|---|"]
     for task in sorted({t for t, _ in found}):
@@ -208,16 +222,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/minilm_vader.yaml (for every cell)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "evidence-epoch"), help="scratch run folders")
-    p.add_argument("--record", default=RECORD, help="tracked folder of finished cells (<tag>.json, cells.jsonl)")
+    p.add_argument("--record", default=None, help="tracked folder of finished cells (<tag>.json, cells.jsonl); "
+                   f"default {os.path.relpath(RECORD, REPO_ROOT)}, or the study's own folder (small5)")
     p.add_argument("--study", action="append", choices=list(STUDIES), help="repeatable; default: main")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only tabulate the finished cells under --out")
     args = p.parse_args(argv)
+    studies = args.study or ["main"]
+    own = {OWN_RECORD.get(study, RECORD) for study in studies}
+    if len(own) > 1:
+        p.error(f"--study {' '.join(studies)}: {', '.join(s for s in studies if s in OWN_RECORD)} is recorded in a "
+                "folder of its own; run it in a separate invocation")
+    args.record = args.record or own.pop()
     if args.report:
         print(report(args.record))
         return 0
     os.makedirs(args.out, exist_ok=True)
-    for tag, task, variant, seed, extra in cells(args.study or ["main"]):
+    for tag, task, variant, seed, extra in cells(studies):
         run_cell(args.out, args.record, tag, task, variant, seed, extra, args.ranks, args.overrides)
         with open(os.path.join(args.out, "evidence.md"), "w") as f:
             f.write(report(args.record) + "\n")
