@@ -184,7 +184,7 @@ def test_compacted_gated_neuron_layer_equals_element_layer_with_row_structured_m
 
 def test_compacted_gated_layer_matches_with_dropped_tokens_and_top1():
     layer = PadMoE.from_gated(*gated_mlp(), activation="gelu_tanh", num_experts=E, k=1, min_capacity=0,
-                              capacity_factor=0.5, use_rts=False, granularity="neuron")
+                              capacity_factor=0.5, use_rts=False, granularity="neuron", drop_tokens=True)
     perturb_experts_(layer)
     layer.set_masks({"units": torch.rand(F, generator=torch.Generator().manual_seed(3)) < 0.4})
     x = x_input()

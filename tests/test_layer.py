@@ -121,7 +121,7 @@ def test_neuron_compacted_layer_equals_element_layer_with_row_structured_mask():
 def test_compacted_layer_matches_with_dropped_tokens_and_top1():
     fc1, fc2 = dense_pair()
     layer = PadMoE.from_dense(fc1, fc2, num_experts=E, k=1, min_capacity=0, capacity_factor=0.5, use_rts=False,
-                              granularity="neuron")
+                              granularity="neuron", drop_tokens=True)  # upcycling drops nothing unless told
     perturb_experts_(layer)
     layer.set_masks({"units": torch.rand(F, generator=torch.Generator().manual_seed(3)) < 0.4})
     x = x_input()
@@ -191,3 +191,34 @@ def test_bad_dense_pair_and_bad_masks_raise():
         layer.set_masks({"fc1.weight": torch.ones(F, H, dtype=torch.bool)})
     with pytest.raises(ValueError, match="compact_ needs granularity='neuron'"):
         layer.compact_()
+
+
+@pytest.mark.parametrize("cls", [PadMoE, MoEFFN])
+def test_from_dense_and_from_gated_with_default_arguments_compute_the_dense_ffn(cls):
+    """The upcycling one-liner is exact by default: dropless, nothing dropped, whatever the router (training mode)."""
+    fc1, fc2 = dense_pair()
+    x = x_input()
+    layer = cls.from_dense(fc1, fc2, num_experts=E)
+    assert layer.dispatch == "dropless"
+    torch.testing.assert_close(layer(x)[0], fc2(torch.nn.functional.gelu(fc1(x))), rtol=0, atol=1e-6)
+    torch.manual_seed(1)
+    gate, up, down = nn.Linear(H, F, bias=False), nn.Linear(H, F, bias=False), nn.Linear(F, H, bias=False)
+    gated = cls.from_gated(gate, up, down, activation="silu", num_experts=E)
+    assert gated.dispatch == "dropless"
+    torch.testing.assert_close(gated(x)[0], down(torch.nn.functional.silu(gate(x)) * up(x)), rtol=0, atol=1e-6)
+
+
+def test_drop_tokens_follows_the_dispatch_unless_set():
+    fc1, fc2 = dense_pair()
+    assert PadMoE(H, F, num_experts=E, dispatch="dropless").dispatch == "dropless"  # no drop_tokens needed
+    assert PadMoE(H, F, num_experts=E).moe.deepspeed_moe.gate.drop_tokens  # capacity: drops over capacity
+    assert not PadMoE(H, F, num_experts=E, drop_tokens=False).moe.deepspeed_moe.gate.drop_tokens  # padded
+    dropping = PadMoE.from_dense(fc1, fc2, num_experts=E, drop_tokens=True)  # asked to drop: capacity dispatch
+    assert dropping.dispatch == "capacity" and dropping.moe.deepspeed_moe.gate.drop_tokens
+    padded = PadMoE.from_dense(fc1, fc2, num_experts=E, dispatch="capacity")  # upcycled: still nothing dropped
+    assert not padded.moe.deepspeed_moe.gate.drop_tokens
+    assert PadMoE.from_dense(fc1, fc2, num_experts=E, noisy_gate_policy="Jitter").dispatch == "capacity"
+    for build in (lambda: PadMoE(H, F, num_experts=E, dispatch="dropless", drop_tokens=True),
+                  lambda: PadMoE.from_dense(fc1, fc2, num_experts=E, dispatch="dropless", drop_tokens=True)):
+        with pytest.raises(ValueError, match="^drop_tokens=True drops routes over capacity, dispatch='dropless'"):
+            build()

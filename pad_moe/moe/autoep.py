@@ -19,6 +19,7 @@ Private DeepSpeed pieces relied on (pinned by pyproject's deepspeed range, cover
 from __future__ import annotations
 
 import contextlib
+import numbers
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
@@ -28,6 +29,7 @@ from deepspeed.module_inject import auto_ep_layer
 from deepspeed.moe import ep_experts
 from deepspeed.moe.ep_experts import GroupedExperts
 from deepspeed.moe.ep_repack import repack_expert_weights
+from deepspeed.runtime.zero import GatheredParameters
 from torch import nn
 
 from pad_moe.moe.ffn import mix_stacked, scaled
@@ -39,6 +41,7 @@ AUTOEP_PRESETS = {"mixtral": "mixtral", "qwen2_moe": "qwen3_moe", "qwen3_moe": "
 # AutoEP's grouped weights and the glu FFN weight names the PAD mask machinery (granularities) knows them by.
 GROUPED_TO_GLU = {"w1": "gate_proj.weight", "w3": "up_proj.weight", "w2": "down_proj.weight"}
 STATIC_INITS = ("mean", "first")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")  # Mixtral's name first; Qwen-MoE / OLMoE use the second
 SCALE_MODES = ("both", "static", "dynamic", "none", "unconstrained")
 
 
@@ -112,9 +115,13 @@ class PadAutoEPLayer(PadMaskMixin, auto_ep_layer.AutoEPMoELayer):
         return mixed["w1"], mixed["w2"], mixed["w3"]
 
     def magnitude_scores(self) -> dict[str, torch.Tensor]:
-        """|λd·W_k − λs·W_s| summed over this rank's experts (and each mask entry's weights), per mask."""
-        lam_s, lam_d = self.scale_factors()
-        with torch.no_grad():
+        """|λd·W_k − λs·W_s| summed over this rank's experts (and each mask entry's weights), per mask. Under ZeRO-3
+        the weights and φ are gathered for it (outside a forward they are empty placeholders); a collective, so every
+        rank calls it, as IMP does."""
+        params = [getattr(self.experts, g) for g in GROUPED_TO_GLU] + [self.static_weight(g) for g in GROUPED_TO_GLU]
+        params += [self.phi] if self.phi is not None else []
+        with GatheredParameters(params, modifier_rank=None), torch.no_grad():  # a no-op without ZeRO-3
+            lam_s, lam_d = self.scale_factors()
             per_weight = {GROUPED_TO_GLU[g]: (lam_d * getattr(self.experts, g) - lam_s * self.static_weight(g))
                           .abs().sum(0) for g in GROUPED_TO_GLU}
             return self.granularity.reduce(per_weight, self._weight_shapes)
@@ -136,14 +143,22 @@ def pad_autoep_layers(options: PadAutoEPOptions | None = None) -> Iterator[type]
 
 def autoep_section(model: nn.Module, ep_size: int) -> dict:
     """The DeepSpeed config's ``expert_parallel`` section for an HF MoE model of a family in ``AUTOEP_PRESETS``
-    (no load-balancing bias: PAD keeps the checkpoint's router as it is); ValueError naming the family otherwise."""
+    (no load-balancing bias: PAD keeps the checkpoint's router as it is); ValueError naming the family otherwise, or
+    naming ``ep_size`` unless it is a whole number dividing the model's expert count."""
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in AUTOEP_PRESETS:
         raise ValueError(f"model_type={family!r} is not an HF MoE family pad_moe converts through AutoEP; supported: "
                          f"{', '.join(AUTOEP_PRESETS)}")
-    if ep_size < 1:
-        raise ValueError(f"ep_size={ep_size} must be at least 1")
-    return {"enabled": True, "autoep_size": ep_size, "preset_model": AUTOEP_PRESETS[family],
+    experts = next((n for n in (getattr(model.config, a, None) for a in EXPERT_COUNT_KEYS)
+                    if isinstance(n, int) and not isinstance(n, bool) and n >= 1), None)
+    if experts is None:
+        raise ValueError(f"the {family} config gives no expert count ({' / '.join(EXPERT_COUNT_KEYS)}); AutoEP needs "
+                         "it to split the experts")
+    divisors = [d for d in range(1, experts + 1) if experts % d == 0]
+    if not isinstance(ep_size, numbers.Integral) or isinstance(ep_size, bool) or ep_size not in divisors:
+        raise ValueError(f"ep_size={ep_size!r} must be a whole number >= 1 dividing the model's {experts} experts; "
+                         f"choose one of {', '.join(map(str, divisors))}")
+    return {"enabled": True, "autoep_size": int(ep_size), "preset_model": AUTOEP_PRESETS[family],
             "load_balance_coeff": None}
 
 

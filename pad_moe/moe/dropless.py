@@ -41,16 +41,21 @@ class Routes:
     """(E,) int64 routes per expert on this rank."""
 
 
+def _token_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens (dim 0); zeros, still in the graph, on a rank with no tokens (the mean of none is NaN)."""
+    return t.mean(0) if t.shape[0] else t.sum(0)
+
+
 def route(logits: torch.Tensor, k: int, *, sample_second: bool = False) -> Routes:
     """Top-k routing of fp32 logits (S, E) with DeepSpeed's weights and aux loss (top1/top2/topkgating)."""
     gates = F.softmax(logits, dim=1)
     num_experts = gates.shape[1]
-    me = gates.mean(0)
+    me = _token_mean(gates)
     eps = torch.finfo(gates.dtype).eps
     if k == 1:
         experts = gates.argmax(1, keepdim=True)
         weights = gates.gather(1, experts)
-        ce = F.one_hot(experts[:, 0], num_experts).float().mean(0)
+        ce = _token_mean(F.one_hot(experts[:, 0], num_experts).float())
         l_aux = (me * ce).sum() * num_experts
     elif k == 2:
         first = gates.argmax(1)
@@ -61,12 +66,12 @@ def route(logits: torch.Tensor, k: int, *, sample_second: bool = False) -> Route
         experts = torch.stack([first, second], 1)
         weights = gates.gather(1, experts)
         weights = weights / weights.sum(1, keepdim=True).clamp(min=eps)
-        ce = F.one_hot(first, num_experts).float().mean(0)
+        ce = _token_mean(F.one_hot(first, num_experts).float())
         l_aux = (me * ce).mean() * num_experts * num_experts
     else:
         top, experts = torch.topk(gates, k, dim=1)
         weights = top / top.sum(1, keepdim=True).clamp(min=eps)
-        ce = torch.zeros_like(gates).scatter_(1, experts, 1.0).mean(0)
+        ce = _token_mean(torch.zeros_like(gates).scatter_(1, experts, 1.0))
         l_aux = (me * ce).mean() * num_experts * num_experts / k
     counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
     return Routes(experts, weights, l_aux, counts)
@@ -117,7 +122,7 @@ def dispatch_and_combine(x: torch.Tensor, routes: Routes,
         out = leg.back(experts(leg.forward(rows), leg.counts))
     else:
         out = experts(rows, counts)
-    by_route = out.index_select(0, _inverse(order)).view(num_tokens, k, -1)
+    by_route = out.index_select(0, _inverse(order)).view(num_tokens, k, out.shape[-1])  # -1 is ambiguous at 0 tokens
     # the weights are fp32: the sum over routes accumulates in fp32, as DeepSpeed's combine does
     return (by_route * routes.weights.unsqueeze(-1)).sum(1).to(x.dtype)
 
@@ -142,5 +147,5 @@ def check_dropless_args(noisy_gate_policy: Optional[str], drop_tokens: bool) -> 
         raise ValueError(f"noisy_gate_policy={noisy_gate_policy!r} is DeepSpeed's capacity gate; use dispatch='capacity' "
                          "or no gate noise with dispatch='dropless'")
     if drop_tokens:
-        raise ValueError("drop_tokens=True drops routes over capacity, dispatch='dropless' computes them all; set "
-                         "drop_tokens=False or dispatch='capacity'")
+        raise ValueError("drop_tokens=True drops routes over capacity, dispatch='dropless' computes them all; leave "
+                         "drop_tokens unset (or False) or use dispatch='capacity'")

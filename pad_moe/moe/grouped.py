@@ -17,7 +17,7 @@ def backend(x: torch.Tensor, w: torch.Tensor) -> str:
     """``grouped_mm`` when torch's grouped GEMM takes these operands, else ``loop``."""
     if not _HAS_GROUPED_MM or x.dtype not in GROUPED_MM_DTYPES or w.dtype != x.dtype:
         return "loop"
-    if 0 in w.shape[1:]:
+    if 0 in w.shape[1:] or not x.shape[0]:  # no rows: torch's grouped GEMM refuses the empty gradient's strides
         return "loop"
     align = 16 // x.element_size()  # every row of every operand must start on a 16-byte boundary
     if w.shape[1] % align or w.shape[2] % align:
@@ -61,8 +61,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, count
     sizes = counts_list if counts_list is not None else counts.tolist()
     if backend(x, w) == "grouped_mm":
         return _GroupedLinear.apply(x.contiguous(), w, bias, _offsets(counts), sizes)
-    if not x.shape[0]:
-        return x.new_zeros(0, w.shape[1])
+    # no early return for empty groups: a (0, out) result must stay in the graph (x, w, bias), or on a rank whose
+    # experts get no rows the backward of the expert-parallel all-to-alls never runs and the peers wait forever
     chunks = torch.split(x, sizes)
     if bias is None:
         return torch.cat([chunk @ w[e].t() for e, chunk in enumerate(chunks)])

@@ -9,9 +9,11 @@ upcycled with ``from_gated`` from a Llama/Mistral/Qwen-style gated MLP).
 
 ``dispatch``: ``capacity`` runs DeepSpeed's MoE forward (gate, capacity, all-to-all) as it is; ``dropless`` keeps the same
 DeepSpeed modules and parameters (gate weight, expert-tagged experts, expert-parallel group, checkpoints) but routes
-every token through ``pad_moe.moe.dropless`` (grouped GEMM, variable all-to-all). Nothing here imports
-``torch.distributed``. A layer built for ``ep_size > 1`` holds ``num_experts / ep_size`` local experts and needs the
-process groups that ``deepspeed.initialize`` attaches; pass ``ep_rank`` so local experts get their global ids.
+every token through ``pad_moe.moe.dropless`` (grouped GEMM, variable all-to-all). ``drop_tokens`` unset follows the
+dispatch (capacity drops, dropless does not); ``from_dense`` / ``from_gated`` are dropless, so exact, unless told to
+drop (``upcycling_routing``). Nothing here imports ``torch.distributed``. A layer built for ``ep_size > 1`` holds
+``num_experts / ep_size`` local experts and needs the process groups that ``deepspeed.initialize`` attaches; pass
+``ep_rank`` so local experts get their global ids.
 """
 
 from __future__ import annotations
@@ -112,8 +114,10 @@ class MoEFFN(nn.Module):
     def __init__(self, hidden_size: int, ffn_size: int, *, num_experts: int = 8, k: int = 2, ep_size: int = 1,
                  ep_rank: int = 0, activation: str = "gelu", bias: bool = True, expert_type: str = "mlp",
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 drop_tokens: bool = True, noisy_gate_policy: Optional[str] = None, use_rts: bool = True,
+                 drop_tokens: Optional[bool] = None, noisy_gate_policy: Optional[str] = None, use_rts: bool = True,
                  second_expert_sampling: bool = True, seed: int = 0, dispatch: str = "capacity"):
+        """``drop_tokens``: None takes the dispatch's own behaviour (capacity: drop routes over capacity, dropless:
+        compute them all); False with capacity pads every expert to the busiest one; True with dropless is refused."""
         super().__init__()
         _validate_moe_args(hidden_size, ffn_size, num_experts, k, ep_size, ep_rank, capacity_factor,
                            eval_capacity_factor, min_capacity, noisy_gate_policy)
@@ -122,6 +126,8 @@ class MoEFFN(nn.Module):
             raise ValueError(f"dispatch={dispatch!r} is unknown; allowed: {', '.join(DISPATCHES)}")
         if dispatch == "dropless":
             check_dropless_args(noisy_gate_policy, drop_tokens)
+        if drop_tokens is None:
+            drop_tokens = dispatch == "capacity"
         self.dispatch = dispatch
         self.keep_router_logits = False  # dropless: keep the latest (S, E) fp32 logits (Switch's z-loss reads them)
         self._route_observers: list = []
@@ -172,12 +178,15 @@ class MoEFFN(nn.Module):
 
     @classmethod
     def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, **kwargs):
-        """Upcycling: every expert (and, for PAD, the static FFN) starts as a copy of the dense FFN (fc1, fc2)."""
+        """Upcycling: every expert (and, for PAD, the static FFN) starts as a copy of the dense FFN (fc1, fc2).
+
+        Exact by default: with ``dispatch`` and ``drop_tokens`` unset the layer is dropless (top-2: it computes the
+        dense FFN at init); ``drop_tokens=True`` or gate noise chooses capacity dispatch (``upcycling_routing``)."""
         hidden, ffn_size = _check_dense_pair(fc1, fc2)
         if kwargs.get("expert_type", "mlp") != "mlp":
             raise ValueError(f"from_dense builds expert_type='mlp', got expert_type={kwargs['expert_type']!r}; "
                              "use from_gated for a gated MLP")
-        layer = cls(hidden, ffn_size, bias=fc1.bias is not None, **kwargs)
+        layer = cls(hidden, ffn_size, bias=fc1.bias is not None, **upcycling_routing(kwargs))
         layer.load_experts_from_dense(fc1, fc2)
         return layer
 
@@ -185,12 +194,13 @@ class MoEFFN(nn.Module):
     def from_gated(cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, *, activation: str,
                    **kwargs):
         """Upcycling a gated MLP down(act(gate_proj(x)) ⊙ up_proj(x)) (Llama, Mistral, Qwen): every expert (and, for
-        PAD, the static FFN) starts as a copy of it. ``activation``: silu (SwiGLU) or gelu / gelu_tanh (GEGLU)."""
+        PAD, the static FFN) starts as a copy of it. ``activation``: silu (SwiGLU) or gelu / gelu_tanh (GEGLU).
+        Dropless (exact) unless ``drop_tokens=True``, gate noise or ``dispatch`` say otherwise, as ``from_dense``."""
         hidden, ffn_size = _check_gated(gate_proj, up_proj, down_proj)
         if kwargs.pop("expert_type", "glu") != "glu":
             raise ValueError("from_gated builds expert_type='glu'; use from_dense for a two-matrix FFN")
         layer = cls(hidden, ffn_size, bias=gate_proj.bias is not None, activation=activation, expert_type="glu",
-                    **kwargs)
+                    **upcycling_routing(kwargs))
         layer.load_experts_from_gated(gate_proj, up_proj, down_proj)
         return layer
 
@@ -394,6 +404,19 @@ class PadMoE(PadMaskMixin, MoEFFN):
         self.compacted = True
         self._gate_hook = self.moe.deepspeed_moe.gate.register_forward_hook(self._capture_gate_mass)
         return self
+
+
+def upcycling_routing(kwargs: dict) -> dict:
+    """``kwargs`` with the routing of an upcycled layer resolved as the config path does (``MoEConfig``): drop_tokens
+    unset is False (nothing dropped, so the layer starts as its dense original); dispatch unset is dropless unless
+    tokens are dropped or the gate is noisy, then capacity."""
+    drop_tokens = kwargs.get("drop_tokens")
+    drop_tokens = False if drop_tokens is None else drop_tokens
+    dispatch = kwargs.get("dispatch")
+    if dispatch is None:
+        noisy = kwargs.get("noisy_gate_policy") not in (None, "None")
+        dispatch = "capacity" if drop_tokens or noisy else "dropless"
+    return {**kwargs, "drop_tokens": drop_tokens, "dispatch": dispatch}
 
 
 def build_ffn_block(mode: str, hidden_size: int, ffn_size: int, **kwargs) -> nn.Module:
