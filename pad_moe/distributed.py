@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -33,9 +33,45 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        clear_stale_build_locks()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         release_shm_buffer_name()
     return dist.get_rank(), dist.get_world_size()
+
+
+STALE_LOCK_S = 900
+"""A JIT-build lock this old belongs to a build that died (DeepSpeed's CPU ops build in 1-4 minutes here)."""
+
+
+def clear_stale_build_locks(root: Optional[str] = None, now: Optional[float] = None) -> list[str]:
+    """Remove the locks of torch-extension builds whose process died (Ctrl-C or a kill while DeepSpeed JIT-built
+    its CPU comm op leaves ``<ext>/lock`` behind, and every later run then waits on it forever, silently). A lock is
+    stale when it is older than ``STALE_LOCK_S`` and the build's library is already there. Says so in one line."""
+    import sys
+    import time
+
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    removed = []
+    now = time.time() if now is None else now
+    folders = [os.path.join(root, a, b) for a in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+               if os.path.isdir(os.path.join(root, a)) for b in sorted(os.listdir(os.path.join(root, a)))]
+    for folder in folders:  # ROOT/py311_cpu/deepspeed_shm_comm/lock
+        lock = os.path.join(folder, "lock")
+        try:
+            stale = now - os.path.getmtime(lock) > STALE_LOCK_S
+        except OSError:
+            continue
+        if stale and any(f.endswith(".so") for f in os.listdir(folder)):
+            try:
+                os.remove(lock)
+            except OSError:
+                continue
+            removed.append(lock)
+            print(f"pad_moe: removed the stale build lock {lock} (left by a build that was killed)", file=sys.stderr)
+    return removed
 
 
 def shm_buffer_path(rank: int) -> str:

@@ -1,0 +1,29 @@
+"""A build killed while DeepSpeed JIT-built its CPU comm op left its lock behind and every later run waited on it
+forever, silently (found when an evidence grid hung for 9 minutes at 0 % CPU)."""
+
+import os
+
+from pad_moe.distributed import STALE_LOCK_S, clear_stale_build_locks
+
+
+def _ext(root, name, with_library=True, age=0.0, now=1e9):
+    folder = root / "py311_cpu" / name
+    folder.mkdir(parents=True)
+    if with_library:
+        (folder / f"{name}.so").write_bytes(b"\0")
+    lock = folder / "lock"
+    lock.write_text("")
+    os.utime(lock, (now - age, now - age))
+    return lock
+
+
+def test_only_old_locks_of_built_extensions_are_removed(tmp_path, capsys):
+    now = 1e9
+    stale = _ext(tmp_path, "deepspeed_shm_comm", age=STALE_LOCK_S + 60, now=now)
+    building = _ext(tmp_path, "fresh_build", age=30, now=now)  # a build in progress holds it
+    unbuilt = _ext(tmp_path, "never_built", with_library=False, age=STALE_LOCK_S + 60, now=now)
+    assert clear_stale_build_locks(str(tmp_path), now=now) == [str(stale)]
+    assert not stale.exists() and building.exists() and unbuilt.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stale build lock" in err[0]
+    assert clear_stale_build_locks(str(tmp_path / "missing"), now=now) == []
