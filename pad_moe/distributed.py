@@ -34,6 +34,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", "0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         clear_stale_build_locks()
+        prefer_environment_ninja()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         release_shm_buffer_name()
     return dist.get_rank(), dist.get_world_size()
@@ -72,6 +73,23 @@ def clear_stale_build_locks(root: Optional[str] = None, now: Optional[float] = N
             removed.append(lock)
             print(f"pad_moe: removed the stale build lock {lock} (left by a build that was killed)", file=sys.stderr)
     return removed
+
+
+def prefer_environment_ninja(executable: Optional[str] = None) -> bool:
+    """Put the running interpreter's bin folder first on PATH when it holds a ``ninja``: DeepSpeed JIT-builds its CPU
+    comm op with whichever ninja PATH finds first, and two ninja versions (the pip one in the venv, the system one)
+    hash the build commands differently, so runs started with and without the venv activated rebuilt the op each
+    time they alternated (1-4 minutes each, under a lock every other run waits on). True when PATH changed."""
+    import sys
+
+    bin_dir = os.path.dirname(executable or sys.executable)
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        return False
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if path[:1] == [bin_dir]:
+        return False
+    os.environ["PATH"] = os.pathsep.join([bin_dir, *(p for p in path if p != bin_dir)])
+    return True
 
 
 def shm_buffer_path(rank: int) -> str:

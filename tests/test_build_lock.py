@@ -27,3 +27,18 @@ def test_only_old_locks_of_built_extensions_are_removed(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stale build lock" in err[0]
     assert clear_stale_build_locks(str(tmp_path / "missing"), now=now) == []
+
+
+def test_the_environment_s_ninja_comes_first(tmp_path, monkeypatch):
+    """Runs with and without the venv on PATH used two ninja versions, which rebuilt DeepSpeed's op every time."""
+    from pad_moe.distributed import prefer_environment_ninja
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    python = str(bin_dir / "python")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", str(bin_dir), "/bin"]))
+    assert not prefer_environment_ninja(python)  # no ninja in the environment: PATH untouched
+    (bin_dir / "ninja").write_text("")
+    assert prefer_environment_ninja(python)
+    assert os.environ["PATH"].split(os.pathsep) == [str(bin_dir), "/usr/bin", "/bin"]
+    assert not prefer_environment_ninja(python)  # already first
