@@ -62,7 +62,8 @@ class VisionConfig:
     v1_layout: bool = False
     """ResNet-50: stride on the first 1×1 of the bottleneck (He et al. v1) instead of the 3×3 (v1.5)."""
     impl: str = "auto"
-    """Per-sample kernel path: auto | grouped | mix | bmm (see pad_moe.vision.kernels)."""
+    """Per-sample kernel path: auto (CPU fast paths, the reference rule elsewhere) | reference | grouped | mix | bmm |
+    chunked | tiled (see pad_moe.vision.kernels)."""
     scale_mode: str = "both"
     """PAD scale factors λs, λd: none | static | dynamic | both | unconstrained."""
     init_kappa: Optional[float] = None

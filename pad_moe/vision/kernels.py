@@ -1,4 +1,6 @@
-"""Three ways to convolve a batch with per-sample kernels; they agree up to float rounding.
+"""Ways to convolve a batch with per-sample kernels; they agree up to float rounding.
+
+The reference paths (the formula as written; what ``impl="reference"`` and every non-CPU device run):
 
 - ``grouped``: aggregate one kernel per sample, then a single grouped convolution with the batch folded into the groups
   (input (1, B·C, H, W), weight (B·O, C/g, kh, kw), groups B·g). Cost: the convolution once, plus B·K·|W| to aggregate.
@@ -8,8 +10,14 @@
 - ``bmm``: a 1×1 convolution (groups 1, no padding) as a batched matrix product of per-sample (O, C) matrices with the
   (C, H·W) input. Cost: the convolution once, plus the aggregation.
 
-``pick_impl`` chooses one from the layer's shape, its output size and the device; layers accept ``impl=`` to force one
-(benchmarks).
+The CPU fast paths (``pad_moe.vision.persample``: kernels built a tile at a time in a reused workspace, never held
+for the backward):
+
+- ``chunked``: the grouped convolution above, a chunk of samples at a time.
+- ``tiled``: im2col and batched matrix products, a tile (samples × output rows) at a time.
+
+``pick_impl`` is the reference rule; ``select_impl`` (what the layers call) applies the fast rule on CPU. Layers accept
+``impl=`` to force one (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "grouped", "mix", "bmm")
+IMPLS = ("auto", "reference", "grouped", "mix", "bmm", "chunked", "tiled")
+FAST_IMPLS = {"chunked": "grouped", "tiled": "gemm"}
+"""The fast paths and the ``pad_moe.vision.persample`` engine each one convolves a tile with."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +89,14 @@ def pick_impl(requested: str, kernel_size: tuple[int, int], geom: ConvGeometry, 
               linear_in_coefficients: bool = True, positions: int | None = None) -> str:
     """The path a layer uses: ``requested`` unless 'auto'.
 
-    auto: ``bmm`` for dense 1×1 kernels; on CPU ``mix`` for dense k×k kernels with at most SMALL_OUTPUT output
-    ``positions`` H'·W' (late ResNet stages at small inputs); ``grouped`` otherwise (every other conv, and always on
-    GPUs, where grouped convolutions are cheap; the GPU choice is not measured here).
+    auto (the reference rule; ``select_impl`` replaces it on CPU): ``bmm`` for dense 1×1 kernels; on CPU ``mix`` for
+    dense k×k kernels with at most SMALL_OUTPUT output ``positions`` H'·W'; ``grouped`` otherwise (every other conv,
+    and always on GPUs, where cuDNN's grouped convolutions and the caching allocator make the per-sample kernels cheap).
     """
     if requested not in IMPLS:
         raise ValueError(f"impl={requested!r} is unknown; allowed: {', '.join(IMPLS)}")
+    if requested == "reference":
+        requested = "auto"
     if requested != "auto":
         if requested == "bmm" and not (kernel_size == (1, 1) and geom.is_pointwise_dense):
             raise ValueError(f"impl='bmm' needs a 1x1 kernel with groups=1 and no padding, got kernel {kernel_size}, "
@@ -106,3 +118,28 @@ def output_positions(height: int, width: int, kernel_size: tuple[int, int], geom
     for size, k, s, p, d in zip((height, width), kernel_size, geom.stride, geom.padding, geom.dilation):
         sizes.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
     return sizes[0] * sizes[1]
+
+
+TILED_BELOW = 256
+"""CPU ``auto``: dense k×k convolutions with fewer output positions H'·W' than this take ``tiled``, the others
+``chunked``. Where the output is small the kernels are large next to the activations: oneDNN's grouped convolution
+slows down there (4-13× a static conv at ResNet-18's 8×8 and 4×4 stages), im2col + GEMM does not (docs/vision.md)."""
+
+
+def select_impl(requested: str, kernel_shape: tuple[int, int, int, int], geom: ConvGeometry, device: torch.device,
+                linear_in_coefficients: bool = True, positions: int | None = None) -> str:
+    """The path a layer runs: ``requested`` unless 'auto'; 'reference' is ``pick_impl``'s rule.
+
+    auto on CPU (with the output size known): ``grouped`` for depthwise kernels (C/g = 1: their per-sample kernels
+    are tiny, the batch folded into the groups is one depthwise convolution); ``tiled`` for dense 1×1 kernels and for
+    k×k kernels with fewer than TILED_BELOW output positions; ``chunked`` for the other convolutions. Elsewhere (CUDA,
+    the meta device) the reference rule: ``bmm`` for dense 1×1 kernels, ``grouped`` otherwise.
+    """
+    kernel_size = tuple(kernel_shape[2:])
+    if requested != "auto" or device.type != "cpu" or positions is None:
+        return pick_impl(requested, kernel_size, geom, device, linear_in_coefficients, positions)
+    if geom.groups > 1 and kernel_shape[1] == 1:
+        return "grouped"
+    if kernel_size == (1, 1) and geom.is_pointwise_dense:
+        return "tiled"
+    return "tiled" if geom.groups == 1 and positions < TILED_BELOW else "chunked"

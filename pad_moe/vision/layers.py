@@ -19,7 +19,16 @@ from torch.nn.modules.utils import _pair
 
 from pad_moe.pad.mixing import pad_mix
 from pad_moe.pad.protocol import PadMaskMixin
-from pad_moe.vision.kernels import ConvGeometry, conv_bmm, conv_grouped, conv_mix, output_positions, pick_impl
+from pad_moe.vision.kernels import (
+    FAST_IMPLS,
+    ConvGeometry,
+    conv_bmm,
+    conv_grouped,
+    conv_mix,
+    output_positions,
+    select_impl,
+)
+from pad_moe.vision.persample import PerSampleSpec, conv_per_sample
 
 
 class KernelAttention(nn.Module):
@@ -65,7 +74,7 @@ class KernelMixtureConv2d(nn.Module):
         self.in_channels, self.out_channels, self.num_kernels = in_channels, out_channels, num_kernels
         self.kernel_size = _pair(kernel_size)
         self.geometry = ConvGeometry(_pair(stride), _pair(padding), _pair(dilation), groups)
-        pick_impl(impl, self.kernel_size, self.geometry, torch.device("cpu"), self.linear_in_coefficients)  # validate
+        select_impl(impl, self.kernel_shape, self.geometry, torch.device("cpu"), self.linear_in_coefficients)  # validate
         self.impl = impl
         self.weight = nn.Parameter(torch.empty(num_kernels, *self.kernel_shape))  # (K, O, C/g, kh, kw)
         self.reset_kernels(self.weight)
@@ -90,10 +99,10 @@ class KernelMixtureConv2d(nn.Module):
 
     def resolved_impl(self, x_BCHW: torch.Tensor) -> str:
         positions = output_positions(x_BCHW.shape[-2], x_BCHW.shape[-1], self.kernel_size, self.geometry)
-        return pick_impl(self.impl, self.kernel_size, self.geometry, x_BCHW.device, self.linear_in_coefficients,
-                         positions)
+        return select_impl(self.impl, self.kernel_shape, self.geometry, x_BCHW.device, self.linear_in_coefficients,
+                           positions)
 
-    # -- kernels; PAD overrides these two ----------------------------------------------------------------------------
+    # -- kernels; PAD overrides these three --------------------------------------------------------------------------
     def mix_kernels(self, coef_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(kernels (K', O, C/g, kh, kw), coefficients (B, K')) whose mix of convolutions is the layer's output."""
         return self.weight, coef_BK
@@ -104,9 +113,18 @@ class KernelMixtureConv2d(nn.Module):
         w_BN = coef_BK.to(self.weight.dtype) @ self.weight.reshape(K, -1)  # (B, K) @ (K, N) -> (B, N)
         return w_BN.reshape(coef_BK.shape[0], *self.kernel_shape)
 
+    def kernel_terms(self, coef_BK: torch.Tensor) -> tuple:
+        """The per-sample kernels in the form the fast paths take (``pad_moe.vision.persample.conv_per_sample``):
+        (coef (B, K[+1]), W (K, N), scale, extra, extra_scale (N,) or None). Here Θ_b = Σ_k coef[b, k] W_k."""
+        return coef_BK.to(self.weight.dtype), self.weight.reshape(self.num_kernels, -1), None, None, None
+
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         coef_BK = self.routing(x_BCHW)
         impl = self.resolved_impl(x_BCHW)
+        if impl in FAST_IMPLS:
+            g = self.geometry
+            spec = PerSampleSpec(self.kernel_shape, g.stride, g.padding, g.dilation, g.groups, FAST_IMPLS[impl])
+            return conv_per_sample(x_BCHW, *self.kernel_terms(coef_BK), spec)
         if impl == "mix":
             kernels, coefs = self.mix_kernels(coef_BK)
             return conv_mix(x_BCHW, kernels, coefs, self.geometry)
@@ -192,19 +210,34 @@ class PadDynamicConv2d(PadMaskMixin, DynamicConv2d):
         self.reset_kernels(self.static_weight)
         self.init_pad({"weight": self.kernel_shape}, granularity="element", scale_mode=scale_mode)
         self._dynamic_index_cache: tuple | None = None
+        self._mask_pair_cache: tuple | None = None
 
     def _mask(self) -> torch.Tensor:
         return self.weight_masks()["weight"]  # (O, C/g, kh, kw), bool or relaxed float
 
     def _dynamic_index(self, mask: torch.Tensor) -> torch.Tensor:
         """Flat indices of M = 1 entries (n_dyn,), cached until the mask buffer changes (set_masks, load_state_dict)."""
-        key = (mask.data_ptr(), mask._version, mask.device)
+        key = _cache_key(mask)
         if self._dynamic_index_cache is None or self._dynamic_index_cache[0] != key:
             self._dynamic_index_cache = (key, mask.reshape(-1).nonzero().squeeze(1))
         return self._dynamic_index_cache[1]
 
+    def _mask_pair(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, 1 − M) flat (N,): a bool mask's pair cached like ``_dynamic_index`` and kept bool (the fast path
+        multiplies by it exactly, reading a byte per entry); a relaxed mask's in the kernels' dtype on every call (it
+        carries the gradient IMP reads)."""
+        if mask.dtype != torch.bool:
+            mask_f = mask.to(self.weight.dtype).reshape(-1)
+            return mask_f, 1 - mask_f
+        key = _cache_key(mask)
+        if self._mask_pair_cache is None or self._mask_pair_cache[0] != key:
+            flat = mask.reshape(-1)
+            self._mask_pair_cache = (key, (flat, ~flat))
+        return self._mask_pair_cache[1]
+
     def _on_masks_changed(self) -> None:
         self._dynamic_index_cache = None
+        self._mask_pair_cache = None
 
     def mix_kernels(self, coef_BK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The K per-kernel PAD weights λs(1−M)⊙W_s + λd M⊙W_k, mixed by π: (K, O, C/g, kh, kw), (B, K).
@@ -222,6 +255,18 @@ class PadDynamicConv2d(PadMaskMixin, DynamicConv2d):
         mask_f = mask.to(self.weight.dtype)
         kernels = torch.addcmul(self._static_part(mask_f, lam_s), lam_d * mask_f, self.weight)  # (K, O, C/g, kh, kw)
         return kernels, coef_BK
+
+    def kernel_terms(self, coef_BK: torch.Tensor) -> tuple:
+        """Θ_b = Σ_k (λd π_bk)·M ⊙ W_k + λs·(1−M) ⊙ W_s: coefficients [λd π, λs] (B, K+1), W, scale M, extra kernel
+        W_s with scale 1 − M; for a bool or a relaxed mask alike. The fast path applies the masks and λ a tile at a
+        time, so no N- or K·N-sized tensor is built per step (a bool mask's 0/1 copies are cached); a 0/1 mask
+        multiplies exactly, so W_k at M = 0 and W_s at M = 1 get exactly zero gradient."""
+        lam_s, lam_d = self.scale_factors()
+        mask_f, static_f = self._mask_pair(self._mask())
+        coef = coef_BK.to(self.weight.dtype)
+        lam_s = torch.as_tensor(lam_s, dtype=coef.dtype, device=coef.device).reshape(1, 1).expand(coef.shape[0], 1)
+        coef = torch.cat([lam_d * coef, lam_s], 1)
+        return coef, self.weight.reshape(self.num_kernels, -1), mask_f, self.static_weight.reshape(-1), static_f
 
     def _static_part(self, mask_f: torch.Tensor, lam_s) -> torch.Tensor:
         """λs·(1 − M)⊙W_s for a 0/1 float mask: (O, C/g, kh, kw)."""
@@ -252,6 +297,12 @@ class PadDynamicConv2d(PadMaskMixin, DynamicConv2d):
         lam_s, lam_d = self.scale_factors()
         with torch.no_grad():
             return {"weight": (lam_d * self.weight - lam_s * self.static_weight).abs().sum(0)}
+
+
+def _cache_key(mask: torch.Tensor) -> tuple:
+    """When a tensor derived from the mask buffer must be rebuilt: the buffer replaced or written in place, or the
+    inference mode changed (tensors made under inference_mode cannot be saved for a backward)."""
+    return mask.data_ptr(), mask._version, mask.device, torch.is_inference_mode_enabled()
 
 
 DYNAMIC_LAYERS = (DynamicConv2d, CondConv2d, PadDynamicConv2d)
