@@ -19,12 +19,9 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-Register = Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
-"""A subcommand's registration: ``register(subparsers)`` adds its subparser (options, help) with
-``set_defaults(handler=fn)``, where ``fn(args) -> exit status`` raises ``ValueError`` (``UsageError``) on bad input;
-it returns the subparser. ``set_defaults(error_prog=...)`` changes the prefix of its error line (default: its prog)."""
+from pad_moe.commands import Register, add_command, dispatch, run_command  # noqa: F401 - re-exported
 
 
 # -- the run commands; every other command registers itself in the module that implements it ------------------------
@@ -102,37 +99,14 @@ def commands() -> tuple[Register, ...]:
 
 
 # -- the tree -------------------------------------------------------------------------------------------------------
-def _add(sub, register: Register) -> argparse.ArgumentParser:
-    parser = register(sub)
-    if parser.get_default("error_prog") is None:
-        parser.set_defaults(error_prog=parser.prog)
-    return parser
-
-
 def build_parser(registrations: Optional[Sequence[Register]] = None, prog: str = "padmoe") -> argparse.ArgumentParser:
     """The command tree of ``registrations`` (default: every command)."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # deepspeed launcher
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in commands() if registrations is None else registrations:
-        _add(sub, register)
+        add_command(sub, register)
     return p
-
-
-def dispatch(args: argparse.Namespace) -> int:
-    """Run a parsed command; bad input (ValueError, UsageError included, or an unusable path) is one line, status 2."""
-    try:
-        return args.handler(args)
-    except (ValueError, OSError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{args.error_prog}: error: {message}", file=sys.stderr)
-        return 2
-
-
-def run_command(register: Register, argv: Optional[Sequence[str]] = None) -> int:
-    """One command on its own (``count_main(argv)`` and friends): its subparser parses ``argv``."""
-    sub = argparse.ArgumentParser(prog="padmoe").add_subparsers()
-    return dispatch(_add(sub, register).parse_args(None if argv is None else list(argv)))
 
 
 def _setup_env() -> None:

@@ -83,3 +83,17 @@ def test_config_applies_the_checks_train_makes_before_loading(overrides, message
     assert main(["config", "configs/debug.yaml", *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_command_modules_do_not_import_the_cli_back():
+    """compress / plan / deploy commands imported run_command from pad_moe.cli, which imports them (a circle)."""
+    code = ("import sys; import pad_moe.hfmoe.compress, pad_moe.plan.planner, pad_moe.deploy.count, "
+            "pad_moe.deploy.export, pad_moe.deploy.reshard, pad_moe.deploy.consolidate; "
+            "from pad_moe.hfmoe.compress import compress_main; "
+            "print(compress_main(['/nonexistent', '--kappa', '0.5', '--calib', 'x', '--out', 'y']), "
+            "'pad_moe.cli' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout[-500:] + proc.stderr[-500:]
+    from pad_moe import cli, commands
+
+    assert cli.run_command is commands.run_command and cli.dispatch is commands.dispatch

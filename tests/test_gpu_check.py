@@ -12,7 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_check_script_parses_and_names_its_steps():
     assert subprocess.run(["bash", "-n", "tools/gpu_check.sh"], cwd=REPO).returncode == 0
     text = open(os.path.join(REPO, "tools", "gpu_check.sh")).read()
-    for step in ("gpu_layer_check.py", "--num_gpus 1", "bench_dropless.py --device cuda --dtype bf16"):
+    for step in ("gpu_layer_check.py", "--num_gpus 1", "bench_dropless.py --device cuda --dtype bf16",
+                 "bench_deployed.py --device cuda --dtype bf16"):
         assert step in text
 
 

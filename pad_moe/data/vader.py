@@ -105,11 +105,9 @@ def is_installed(cache_dir: str | os.PathLike | None = None) -> bool:
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from pad_moe.manifest import sha256_of
+
+    return sha256_of(path)
 
 
 def install_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,

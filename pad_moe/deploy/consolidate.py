@@ -165,6 +165,6 @@ def _consolidate_command(args) -> int:
 def consolidate_main(argv: Optional[list[str]] = None) -> int:
     """``padmoe consolidate CHECKPOINT_DIR --out FILE_OR_DIR [--tag T] [--config RUN.yaml] [--dtype fp32]``; returns
     the exit status (bad input: one line on stderr, 2)."""
-    from pad_moe.cli import run_command
+    from pad_moe.commands import run_command
 
     return run_command(register, argv)

@@ -318,15 +318,16 @@ def _count_hf_moe(args, dtype: str) -> int:
         what = unused[0] if unused else f"override {args.overrides[0]!r}"
         raise UsageError(f"{what} does not apply to the HF MoE folder {args.target}; it takes --mode, --kappa, --k, "
                          "--granularity and --dtype")
-    r = count_hf_moe(args.target, mode=args.mode or "moe", kappa=args.kappa, k=args.k,
-                     granularity=args.granularity or "element", dtype_bytes=DTYPE_BYTES[dtype])
+    r = count_hf_moe(args.target, mode=args.mode, kappa=args.kappa, k=args.k, granularity=args.granularity,
+                     dtype_bytes=DTYPE_BYTES[dtype])  # an export folder: what it stores (no mode, κ, granularity)
     if args.json:
         print(json.dumps({**r, "dtype": dtype}))
         return 0
     what = r["mode"] + (f" κ={r['kappa']:g} {r['granularity']}" if r["mode"] == "pad" else "")
+    what += f", export (method {r['method']})" if r.get("export") else ""
     print(f"{r['name']} ({r['family']}, {r['moe_layers']} MoE layers of {r['experts']} experts): {what}")
     print(f"  stored    {r['params']:>15,d} params  {r['bytes'] / 2**20:10.1f} MiB {dtype}")
-    print(f"  as is     {r['params_training']:>15,d} params")
+    print(f"  {'source' if r.get('export') else 'as is':8s}  {r['params_training']:>15,d} params")
     print(f"  active    {r['params_active']:>15,d} params per token (k={r['k']})")
     return 0
 
@@ -355,6 +356,6 @@ def count_main(argv: Optional[list[str]] = None) -> int:
     """``padmoe count NAME_OR_CONFIG [--mode static|moe|pad] [--kappa K] [--experts E] [--k K] [--granularity G]
     [--convention ours|paper] [--dtype fp32] [--json] [key=value ...]``; vision model names: ``padmoe count resnet50
     --conv pad --kappa 0.1``. Returns the exit status (bad input: one line on stderr, 2)."""
-    from pad_moe.cli import run_command
+    from pad_moe.commands import run_command
 
     return run_command(register, argv)

@@ -145,11 +145,13 @@ def read_deploy_meta(folder: str) -> dict:
     return meta
 
 
-def load_deployed(folder: str, skeleton: Optional[nn.Module] = None) -> nn.Module:
-    """The deployed model of ``folder`` in eval mode: one process, no DeepSpeed engine, all weights fp32.
+def load_deployed(folder: str, skeleton: Optional[nn.Module] = None, *, dtype: Optional[torch.dtype] = None,
+                  resident: str = "auto") -> nn.Module:
+    """The deployed model of ``folder`` in eval mode: one process, no DeepSpeed engine, fp32 unless ``dtype``.
 
     A folder written by ``padmoe compress`` (a compressed HF MoE) loads as a Hugging Face causal LM whose
-    ``forward(input_ids)`` gives ``.logits``; the rest is below.
+    ``forward(input_ids)`` gives ``.logits`` (``generate``, ``pipeline`` and ``.to(device)`` work); ``resident`` says
+    what its experts hold in memory (``pad_moe.hfmoe.serving``: auto | full | narrow | compact). The rest is below.
 
     The architecture comes from the folder's config (toy and Hugging Face runs); for other models (e.g. a vision
     network exported with ``compact_model`` + ``save_deployed``) pass ``skeleton``, the model built by its own
@@ -159,7 +161,11 @@ def load_deployed(folder: str, skeleton: Optional[nn.Module] = None) -> nn.Modul
     from pad_moe.hfmoe import deployed as hf_deployed
 
     if skeleton is None and os.path.isfile(os.path.join(os.fspath(folder), hf_deployed.META_FILE)):
-        return hf_deployed.load_compressed(folder)  # a compressed HF MoE (padmoe compress): no DeepSpeed import
+        # a compressed HF MoE (padmoe compress): no DeepSpeed import
+        return hf_deployed.load_compressed(folder, dtype=dtype, resident=resident)
+    if resident != "auto":
+        raise UsageError(f"resident={resident!r} selects the serving form of a compressed HF MoE (padmoe compress); "
+                         f"{folder} is a pad_moe export, whose compact blocks are its only form: drop it")
     from pad_moe.config import load_config
 
     meta = read_deploy_meta(folder)
@@ -186,6 +192,8 @@ def load_deployed(folder: str, skeleton: Optional[nn.Module] = None) -> nn.Modul
     for m in model.modules():
         if hasattr(m, "materialize") and hasattr(m, "spec"):
             m.materialize()
+    if dtype is not None:
+        model = model.to(dtype)
     return model.eval()
 
 
@@ -258,7 +266,7 @@ def _export_command(args) -> int:
 def export_main(argv: Optional[list[str]] = None) -> int:
     """``padmoe export CHECKPOINT_DIR --out DIR [--tag T] [--config RUN.yaml] [--no-verify]``; returns the exit
     status (bad input: one line on stderr, 2)."""
-    from pad_moe.cli import run_command
+    from pad_moe.commands import run_command
 
     return run_command(register, argv)
 

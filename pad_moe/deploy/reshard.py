@@ -223,7 +223,7 @@ def _reshard_command(args) -> int:
 def reshard_main(argv: Optional[list[str]] = None) -> int:
     """``padmoe reshard CHECKPOINT_DIR --ep N --world W --out DIR [--tag T] [--config RUN.yaml] [--no-optimizer]``;
     returns the exit status (bad input: one line on stderr, 2)."""
-    from pad_moe.cli import run_command
+    from pad_moe.commands import run_command
 
     return run_command(register, argv)
 

@@ -84,6 +84,8 @@ def read_text_files(paths: Sequence[str]) -> list[str]:
         raise ValueError("data.task=text needs data.text_files (one document per line)")
     texts = []
     for path in paths:
+        if os.path.isdir(path):
+            raise ValueError(f"text file {path!r} is a folder; list the text files in it (one document per line)")
         if not os.path.isfile(path):
             raise ValueError(f"text file {path!r} does not exist; pass existing files (one document per line)")
         try:
@@ -116,16 +118,18 @@ class PackedBlocks(torch.utils.data.Dataset):
     """``length + 1``-token blocks cut from the documents' token stream (each document + ``eos_id``); the tail
     shorter than a block is dropped. Item i: a LongTensor of length + 1."""
 
-    def __init__(self, token_lists: Sequence[Sequence[int]], length: int, eos_id: int, max_blocks: int | None = None):
+    def __init__(self, token_lists: Sequence[Sequence[int]], length: int, eos_id: int, max_blocks: int | None = None,
+                 length_key: str = "data.max_length"):
+        # length_key: the setting that sets ``length``, named in the errors (padmoe compress: --seq-len)
         if length < 2:
-            raise ValueError(f"data.max_length={length}: packed language-model blocks need at least 2 tokens")
+            raise ValueError(f"{length_key}={length}: packed language-model blocks need at least 2 tokens")
         stream = [t for ids in token_lists for t in (*ids, eos_id)]
         n = len(stream) // (length + 1)
         if max_blocks is not None:
             n = min(n, max_blocks)
         if n == 0:
             raise ValueError(f"the text holds {len(stream)} tokens, fewer than one block of {length + 1}; lower "
-                             "data.max_length or pass more text")
+                             f"{length_key} or pass more text")
         self.blocks = torch.tensor(stream[:n * (length + 1)], dtype=torch.long).view(n, length + 1)
         self.length = length
 

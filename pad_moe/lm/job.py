@@ -3,9 +3,11 @@
 The model is a Hugging Face causal LM: a local folder (``model.path``) or one built from scratch (``model.family``
 mixtral | llama with the sizes of the ``model`` section, seeded by ``train.seed``). What ``moe.mode`` does with it:
 
-- an HF MoE model (Mixtral, Qwen2/Qwen3-MoE, OLMoE): ``moe`` trains it as it is (its router's load-balancing loss as
-  the aux loss); ``pad`` imports its experts as PAD experts (``pad_moe.hfmoe``: static weight from the experts, masks
-  one, φ) and IMP partitions them; ``static`` is refused (merging experts is ``padmoe compress --method merge``).
+- an HF MoE model (a registered family, ``pad_moe.hfmoe.families``; docs/lm.md): ``moe`` trains it as it is (its
+  router's load-balancing loss as the aux loss; a family without one, e.g. DeepSeek-V3's bias-balanced router whose
+  ``e_score_correction_bias`` stays as it is, needs ``moe.aux_loss_coef=0``); ``pad`` imports its experts as PAD
+  experts (``pad_moe.hfmoe``: static weight from the experts, masks one, φ) and IMP partitions them; ``static`` is
+  refused (merging experts is ``padmoe compress --method merge``).
 - a dense model (Llama, Mistral, Qwen2/3, GPT-2): upcycled as for encoders (``static`` keeps one FFN, ``moe`` / ``pad``
   make experts from it; dropless, so the logits at init are the original's).
 
@@ -82,11 +84,20 @@ def build_model(cfg: RunConfig, vocab_size: int, ep_rank: int):
     """(model, is_hf_moe): the causal LM of the run, converted per ``moe.mode``."""
     from transformers import AutoModelForCausalLM
 
-    from pad_moe.hfmoe.experts import HF_MOE_FAMILIES, import_hf_moe
+    from pad_moe.hfmoe.experts import import_hf_moe
+    from pad_moe.hfmoe.families import family_spec, lookup, refusal
     from pad_moe.models.upcycle import upcycle_from_config
 
     torch.manual_seed(cfg.train.seed)  # from scratch: the same initial model on every rank
     if cfg.model.path is not None:
+        from transformers import AutoConfig
+
+        from pad_moe.hfmoe.weights import check_weight_files
+
+        model_type = AutoConfig.from_pretrained(cfg.model.path).model_type
+        if refusal(model_type) is not None:  # a family pad_moe cannot import: not upcycled as if it were dense
+            raise ValueError(f"model.path={cfg.model.path}: model_type={model_type!r}: {refusal(model_type)}")
+        check_weight_files(cfg.model.path)  # a truncated or pickled-objects weights file: one line naming it
         model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
         if model.get_input_embeddings().weight.shape[0] < vocab_size:
             raise ValueError(f"the tokenizer has {vocab_size} ids but {cfg.model.path} embeds only "
@@ -95,7 +106,8 @@ def build_model(cfg: RunConfig, vocab_size: int, ep_rank: int):
         model = AutoModelForCausalLM.from_config(from_scratch_config(cfg, vocab_size), dtype=torch.float32)
     _check_causal(model, cfg.model.path)
     family = model.config.model_type
-    if family in HF_MOE_FAMILIES:
+    if lookup(family) is not None:
+        family_spec(model)  # a configuration of the family pad_moe does not support: one line
         if cfg.moe.mode == "static":
             raise ValueError(f"moe.mode=static on the {family} MoE model: merging its experts is padmoe compress "
                              "--method merge; train it with moe.mode=moe or pad")
@@ -140,16 +152,21 @@ HF_MOE_FOLLOWS = ("mode", "num_experts", "k", "ep_size", "aux_loss_coef", "granu
 def _check_hf_moe_options(cfg: RunConfig, model, family: str) -> None:
     """The moe options an HF MoE model does not follow are refused, not ignored: its experts, top-k and dropless
     routing are its own, its PAD experts share one mask per layer and are compacted at export."""
-    from pad_moe.hfmoe.experts import moe_blocks
+    from pad_moe.hfmoe.experts import block_router, moe_blocks
+    from pad_moe.hfmoe.families import family_spec
 
     moe = cfg.moe
     blocks = moe_blocks(model)
-    experts = blocks[0][1].gate.weight.shape[0] if blocks else 0
+    experts = block_router(model, blocks[0][1]).weight.shape[0] if blocks else 0
     top_k = getattr(model.config, "num_experts_per_tok", None)
     where = cfg.model.path or f"model.family={family}"
     if moe.num_experts != experts or moe.k != top_k:
         raise ValueError(f"moe.num_experts={moe.num_experts}, moe.k={moe.k} but {where} has {experts} experts, top "
                          f"{top_k}; set moe.num_experts={experts} moe.k={top_k} (an HF MoE keeps its own)")
+    if not family_spec(model).aux_loss and moe.aux_loss_coef != 0:
+        raise ValueError(f"moe.aux_loss_coef={moe.aux_loss_coef}: the {family} model has no load-balancing loss to "
+                         "weigh (its router balances without one, or transformers implements none); set "
+                         "moe.aux_loss_coef=0")
     defaults = MoEConfig()
     implied = {"drop_tokens": (None, False), "dispatch": (None, "dropless")}
     for f in dataclasses.fields(MoEConfig):

@@ -43,15 +43,15 @@ def train_bpe(texts: Sequence[str], vocab_size: int, num_sentinels: int = 0, exa
     return fast
 
 
-def model_tokenizer(path: str):
-    """The tokenizer saved with the model at ``path``; one line when the folder has none or it has no eos token."""
+def model_tokenizer(path: str, fix: str = "use data.tokenizer=bpe to train one on the corpus"):
+    """The tokenizer saved with the model at ``path``; one line when the folder has none (ending in ``fix``) or it has
+    no eos token."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - any failure: one line naming the folder
-        raise ValueError(f"{path} has no readable tokenizer ({type(err).__name__}); use data.tokenizer=bpe to train "
-                         "one on the corpus") from None
+        raise ValueError(f"{path} has no readable tokenizer ({type(err).__name__}); {fix}") from None
     if tok.eos_token_id is None:
         raise ValueError(f"the tokenizer of {path} has no end-of-text (eos) token to separate packed documents")
     return tok

@@ -36,7 +36,10 @@ from pad_moe.moe.ffn import mix_stacked, scaled
 from pad_moe.pad.protocol import PadMaskMixin
 
 # HF model_type -> the AutoEP preset that converts it exactly (checked at all-ones masks in tests/test_autoep.py).
-AUTOEP_PRESETS = {"mixtral": "mixtral", "qwen2_moe": "qwen3_moe", "qwen3_moe": "qwen3_moe", "olmoe": "qwen3_moe"}
+AUTOEP_PRESETS = {"mixtral": "mixtral", "qwen2_moe": "qwen3_moe", "qwen3_moe": "qwen3_moe", "olmoe": "qwen3_moe",
+                  "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3"}
+# DeepSeek-V3's router bias e_score_correction_bias is copied by AutoEP onto its router as a buffer; with
+# load_balance_coeff None (autoep_section) nothing updates it: PAD training keeps it (tests/test_hf_families.py).
 
 # AutoEP's grouped weights and the glu FFN weight names the PAD mask machinery (granularities) knows them by.
 GROUPED_TO_GLU = {"w1": "gate_proj.weight", "w3": "up_proj.weight", "w2": "down_proj.weight"}

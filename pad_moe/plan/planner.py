@@ -369,7 +369,7 @@ def _plan_command(args) -> int:
 
 def plan_main(argv: Optional[list[str]] = None) -> int:
     """``padmoe plan ...``: prints the plan; exit 0 when it fits, 2 (one line on stderr) on bad input or no fit."""
-    from pad_moe.cli import run_command
+    from pad_moe.commands import run_command
 
     return run_command(register, argv)
 

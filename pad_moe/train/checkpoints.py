@@ -15,7 +15,6 @@ Fault injection for tests: ``PAD_MOE_FAULT_SAVE=stage:rank:step`` kills that ran
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,10 +26,10 @@ from typing import Optional
 import torch
 
 from pad_moe import distributed as D
+from pad_moe.manifest import FORMAT_VERSION, MANIFEST, check_files  # noqa: F401 - FORMAT_VERSION re-exported
+from pad_moe.manifest import write_manifest as write_folder_manifest
 
-MANIFEST = "pad_moe_manifest.json"
 LATEST = "latest"
-FORMAT_VERSION = 1
 FAULT_ENV = "PAD_MOE_FAULT_SAVE"
 SAVE_STAGES = ("engine", "rng", "manifest", "latest")
 """engine: DeepSpeed's files written, RNG not yet | rng: this rank's files all written, manifest not yet |
@@ -53,27 +52,13 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tag_of(step: int) -> str:
     return f"step{step}"
 
 
 def write_manifest(tag_dir: str, step: int, world: int) -> None:
     """Mark ``tag_dir`` complete: the size and sha256 of every file in it (call once all ranks have written)."""
-    files = {}
-    for name in sorted(os.listdir(tag_dir)):
-        path = os.path.join(tag_dir, name)
-        if name != MANIFEST and os.path.isfile(path) and ".tmp" not in name:
-            files[name] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "files": files}
-    _atomic_write(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
+    write_folder_manifest(tag_dir, step=step, world_size=world)
 
 
 def point_latest(root: str, tag: str) -> None:
@@ -93,16 +78,9 @@ def verify(tag_dir: str) -> tuple[Optional[dict], str]:
         files, step, world = manifest["files"], int(manifest["step"]), int(manifest["world_size"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         return None, f"its manifest is unreadable ({type(err).__name__})"
-    if not isinstance(files, dict) or not files:
-        return None, "its manifest lists no files"
-    for name, meta in sorted(files.items()):
-        file = os.path.join(tag_dir, name)
-        if not os.path.isfile(file):
-            return None, f"{name} is missing"
-        if os.path.getsize(file) != meta.get("bytes"):
-            return None, f"{name} has {os.path.getsize(file)} bytes, the manifest says {meta.get('bytes')}"
-        if _sha256(file) != meta.get("sha256"):
-            return None, f"{name} does not match its checksum"
+    why = check_files(tag_dir, files)
+    if why:
+        return None, why
     manifest["step"], manifest["world_size"] = step, world
     return manifest, ""
 
