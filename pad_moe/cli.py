@@ -8,6 +8,7 @@ with status 2 (argument errors: argparse's usage and its one ``error:`` line).
     padmoe export CHECKPOINT_DIR --out DIR             compact deploy model
     padmoe consolidate CHECKPOINT_DIR --out PATH       full weights of an expert-parallel checkpoint
     padmoe reshard CHECKPOINT_DIR --ep N --world W --out DIR
+    padmoe upcycle DENSE_DIR --out DIR [--experts 8] [--k 2]   dense Llama/Mistral -> native Mixtral MoE
     padmoe plan PRESET --kappa K --nodes N --gpus-per-node G --ep E --zero S --dtype bf16 --micro-batch B --seq L
 
 ``padmoe COMMAND --help`` lists a command's options.
@@ -93,9 +94,10 @@ def commands() -> tuple[Register, ...]:
     """Every subcommand's registration, in the order ``padmoe --help`` lists them."""
     from pad_moe.deploy import COMMANDS as DEPLOY
     from pad_moe.hfmoe.compress import register as compress
+    from pad_moe.lm.upcycle_native import register as upcycle
     from pad_moe.plan.planner import register as plan
 
-    return (register_train, register_config, register_presets, *DEPLOY, compress, plan)
+    return (register_train, register_config, register_presets, *DEPLOY, compress, upcycle, plan)
 
 
 # -- the tree -------------------------------------------------------------------------------------------------------

@@ -442,6 +442,9 @@ class TrainConfig:
     """Linear warmup over this fraction of steps, then linear decay to 0."""
     seed: int = 42
     """Seed of model init and dropout."""
+    data_offset_steps: int = 0
+    """Staged training: the data stream starts where a run of the same data.seed, batch size and world size stands
+    after this many steps (a second stage, e.g. after upcycling, sees the tokens the first stage did not)."""
     log_every: int = 5
     """Steps between logged scalars."""
     eval_every: int = 0
@@ -464,7 +467,8 @@ class TrainConfig:
         _choice(o, "zero_stage", self.zero_stage, (None, 0, 1, 2, 3))
         for name in ("micro_batch_size", "grad_accum", "epochs"):
             _at_least(o, name, getattr(self, name), 1)
-        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "dynamics_batches"):
+        for name in ("steps", "data_offset_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "dynamics_batches"):
             _at_least(o, name, getattr(self, name), 0)
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr} must be > 0")

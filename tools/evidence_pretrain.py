@@ -14,6 +14,13 @@ Variants (priority order; the default runs them all, seed-major so an interrupte
   pad-w250    the same with a 250-step warm-up
   pad-neuron  PAD κ=0.5 neuron granularity, 250-step warm-up (compacted at export; the HF-MoE path trains it
               uncompacted, so its training step is not cheaper: see docs/results.md)
+  dense-half  upcycling's first stage: Llama with the expert width (F=256), the first 250 steps' tokens
+  up-moe      its folder upcycled (padmoe upcycle: 8 copies of each MLP, a router seeded by the cell's seed) to the
+              Mixtral shape of the moe cells, trained on the other 250 steps' tokens (train.data_offset_steps=250)
+  up-pad      the same upcycled model as PAD κ=0.5 element, partitioned 125 steps into the second stage
+
+The staged cells see exactly the tokens of the one-stage cells of the same seed (same data.seed, the second stage
+offset by 250 steps); each stage has its own warm-up and decay of the learning rate (the staged recipe).
 
 A seed sets train.seed (initialisation, router), data.seed (data order) and partition.seed, so differences at one
 seed are paired. Each finished cell's summary goes to ``--record/<tag>.json`` and ``cells.jsonl`` (commit, wall time);
@@ -28,6 +35,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -44,8 +52,18 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pad-w125": ("pad", ("partition.warmup_steps=125",)),
     "pad-w250": ("pad", ("partition.warmup_steps=250",)),
     "pad-neuron": ("pad", ("partition.warmup_steps=250", "moe.granularity=neuron")),
+    "dense-half": ("static", ("model.family=llama", "model.ffn_size=256", "train.steps=250")),
+    "up-moe": ("moe", ("train.steps=250", "train.data_offset_steps=250")),
+    "up-pad": ("pad", ("train.steps=250", "train.data_offset_steps=250", "partition.warmup_steps=125")),
 }
-PAIRS = (("moe", "dense"), ("pad-w125", "moe"), ("pad-w250", "moe"), ("pad-neuron", "moe"), ("pad-w250", "dense"))
+STAGED = ("up-moe", "up-pad")
+"""Variants trained from the dense-half cell of their seed, upcycled."""
+FROM_FOLDER = ("model.family=null", "model.hidden_size=null", "model.ffn_size=null", "model.num_layers=null",
+               "model.num_heads=null", "model.vocab_size=null", "model.max_seq_len=null")
+KEEP_MODEL = ("moe", "up-moe", "dense-half")
+"""Variants whose trained HF folder is kept (``--out/<tag>/hf_model``): compress evidence and the second stage."""
+PAIRS = (("moe", "dense"), ("pad-w125", "moe"), ("pad-w250", "moe"), ("pad-neuron", "moe"), ("pad-w250", "dense"),
+         ("up-moe", "moe"), ("up-moe", "dense"), ("up-pad", "up-moe"), ("up-pad", "moe"))
 
 
 def cells(variants, seeds):
@@ -54,17 +72,48 @@ def cells(variants, seeds):
             yield f"{name}-s{seed}", name, seed
 
 
-def run_cell(out: str, record: str, tag: str, name: str, seed: int, ranks: int, overrides: list[str]) -> dict:
+def upcycled_source(out: str, record: str, seed: int, ranks: int, overrides: list[str], rebuild: bool) -> str:
+    """The Mixtral folder of seed ``seed``'s second stage: dense-half-s<seed>'s model, upcycled (once)."""
+    folder = os.path.join(out, f"upcycled-s{seed}")
+    if os.path.isdir(folder):
+        return folder
+    dense = os.path.join(out, f"dense-half-s{seed}", "hf_model")
+    if not os.path.isdir(dense):
+        run_cell(out, record, f"dense-half-s{seed}", "dense-half", seed, ranks, overrides, rebuild=True)
+    subprocess.run([sys.executable, "-m", "pad_moe.cli", "upcycle", dense, "--out", folder, "--experts", "8", "--k",
+                    "2", "--seed", str(seed)], check=True, cwd=REPO_ROOT)
+    return folder
+
+
+def run_cell(out: str, record: str, tag: str, name: str, seed: int, ranks: int, overrides: list[str],
+             rebuild: bool = False) -> dict:
+    """One cell: its recorded summary, or a run of it. ``rebuild``: a recorded cell whose kept folder is gone (a new
+    checkout) runs again for the folder; its held-out metrics must equal the record's (the record is kept)."""
     kept = os.path.join(record, f"{tag}.json")
+    recorded = None
     if os.path.exists(kept):
         with open(kept) as f:
-            return json.load(f)
+            recorded = json.load(f)
+        if not (rebuild and name in KEEP_MODEL and not os.path.isdir(os.path.join(out, tag, "hf_model"))):
+            return recorded
     shutil.rmtree(os.path.join(out, tag), ignore_errors=True)  # a cell cut off half way starts again
     mode, extra = VARIANTS[name]
-    args = [*extra, *overrides, f"output_dir={out}", f"train.seed={seed}", f"data.seed={seed}",
+    source = [f"model.path={upcycled_source(out, record, seed, ranks, overrides, rebuild)}", *FROM_FOLDER] \
+        if name in STAGED else []
+    args = [*extra, *source, *overrides, f"output_dir={out}", f"train.seed={seed}", f"data.seed={seed}",
             f"partition.seed={seed}"]
     t0 = time.time()
     summary = run_mode(CONFIG, mode, tag, ranks, args)
+    if recorded is not None:  # a rebuild: same commit-independent recipe, so the same numbers
+        then, now = heldout(recorded), heldout(summary)
+        line = {"tag": tag, "rebuilt": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
+                "command_s": round(time.time() - t0, 1), "perplexity_recorded": then, "perplexity_rebuilt": now,
+                "relative_difference": abs(now - then) / then}
+        with open(os.path.join(record, "rebuilds.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"[evidence] rebuilt {tag}: held-out perplexity {now:.4f} (recorded {then:.4f})", flush=True)
+        shutil.rmtree(os.path.join(out, tag, "checkpoints"), ignore_errors=True)
+        return recorded
     shutil.rmtree(os.path.join(out, tag, "checkpoints"), ignore_errors=True)
     partition_file = os.path.join(out, tag, "partition", "record.json")
     if os.path.isfile(partition_file):
@@ -191,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", choices=list(VARIANTS), help="repeatable; default: all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--rebuild-models", action="store_true",
+                   help="run recorded moe / dense-half / up-moe cells again whose HF folder is gone (a new checkout)")
     p.add_argument("--report", action="store_true", help="only tabulate (and plot) the recorded cells")
     p.add_argument("--png-dir", default=None, help="with --report: write the PNGs here")
     args = p.parse_args(argv)
@@ -201,7 +252,7 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     for tag, name, seed in cells(args.variant or list(VARIANTS), args.seeds):
-        run_cell(args.out, args.record, tag, name, seed, args.ranks, args.overrides)
+        run_cell(args.out, args.record, tag, name, seed, args.ranks, args.overrides, args.rebuild_models)
         with open(os.path.join(args.out, "evidence.md"), "w") as f:
             f.write(report(args.record) + "\n")
     print(report(args.record))

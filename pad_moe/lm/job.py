@@ -178,6 +178,19 @@ def _check_hf_moe_options(cfg: RunConfig, model, family: str) -> None:
                              f"export to RUN_DIR/deployed); drop it (default {allowed[-1]})")
 
 
+@torch.no_grad()
+def dense_model(module):
+    """The plain Hugging Face model of a static-upcycled dense LM: each wrapped FFN (``mlp.block.ffn.*``) back in
+    its own place (``mlp.*``), loaded strictly into a fresh model of the same config (a key left over is an error)."""
+    from transformers import AutoModelForCausalLM
+
+    state = {name.replace(".block.ffn.", "."): tensor for name, tensor in module.state_dict().items()}
+    plain = AutoModelForCausalLM.from_config(module.config, dtype=torch.float32)
+    plain.load_state_dict(state, strict=True)
+    plain.generation_config = module.generation_config
+    return plain
+
+
 @register_job("causal_lm")
 def build_causal_lm_job(cfg: RunConfig, ep_rank: int) -> CausalLMJob:
     from pad_moe.models.upcycle import aux_loss
@@ -218,9 +231,17 @@ def build_causal_lm_job(cfg: RunConfig, ep_rank: int) -> CausalLMJob:
             tokenizer.save_pretrained(out)
         return out
 
+    def save_dense(module, run_dir: str) -> str:
+        out = os.path.join(run_dir, "hf_model")
+        dense_model(module).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
+
     extras = {"tokenizer": tokenizer}
     if is_hf_moe:  # an upcycled dense model holds pad_moe blocks: its export is not an HF folder
         extras["save_final"] = save_final
+    elif cfg.moe.mode == "static":  # ... except in static mode, where the block is the model's own FFN, wrapped
+        extras["save_final"] = save_dense
     return CausalLMJob(model=model, train_set=train_set, eval_sets={"heldout": eval_set},
                        collate=PackedBlocks.collate, forward=forward, num_labels=len(tokenizer),
                        metrics=lm_metrics, main_metric="perplexity", extras=extras, integer_predictions=False)

@@ -269,7 +269,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=cfg.name, dynamic_ncols=True)
     accum = cfg.train.grad_accum
-    stream = batches.iterate(start_step * accum)
+    stream = batches.iterate((cfg.train.data_offset_steps + start_step) * accum)
     step_seconds: list[float] = []  # the steps this process ran (a resumed run: from its start step)
     window = {"loss": 0.0, "task": 0.0, "aux": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.time()}
     loads: list[torch.Tensor] = []
