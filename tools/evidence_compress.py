@@ -1,55 +1,106 @@
 #!/usr/bin/env python
-"""Compressing a trained MoE (issue 13's evidence): ``padmoe compress`` of the Mixtral-style MoE pre-trained here
-(configs/lm_mixtral_20m.yaml) at κ 0.7 / 0.5 / 0.3 / 0.1 with IMP, against random masks and dropping the
-least-routed experts at the same stored size, and merging all experts into their mean (κ = 0), each with and without
-healing; held-out perplexity on the pre-training run's held-out split (every other one of its 2,790 documents,
-about 28k tokens, never trained on).
+"""Compression at matched bytes (issue 23's evidence): ``padmoe compress`` of trained MoEs by every method, each output
+at the same stored bytes as the others, with and without healing, over calibration seeds; held-out perplexity and
+next-token accuracy (mean, 95 % t interval over the seeds), one frontier PNG per model, decode speed per method.
 
-    python tools/evidence_compress.py --model runs/lm-mixtral-20m/hf_model [--out runs/evidence-compress] \
-        [--record docs/evidence/compress] [--workers 2]
-    python tools/evidence_compress.py --report [--record docs/evidence/compress]
+    python tools/evidence_compress.py --model NAME=HF_DIR [--seeds 0 1 2] [--out runs/evidence-compress] \
+        [--record docs/evidence/compress-bytes]
+    python tools/evidence_compress.py --speed --model NAME=HF_DIR          # decode tokens/s of the kept outputs
+    python tools/evidence_compress.py --report [--png-dir DIR]             # tables (and PNGs) of the recorded cells
 
-Calibration text: 1,024 training documents drawn with seed 0 (never held-out ones). Each cell is a real
-``padmoe compress`` process (one CPU thread); its JSON summary goes to ``--record/<cell>.json`` and ``cells.jsonl``
-(wall time, commit). Resumable: a recorded cell is not re-run. The κ = 1 IMP cell is the uncompressed reference (its
-perplexity must equal the original's: the tool checks it).
+Models (tools/evidence_pretrain.py trains them; their folders are rebuilt with ``--rebuild-models``): ``scratch`` =
+runs/evidence-pretrain/moe-s0/hf_model (the Mixtral MoE from scratch), ``upcycled`` =
+runs/evidence-pretrain/up-moe-s0/hf_model (a dense Llama upcycled to the same Mixtral shape, then trained).
+
+Sizes: the stored bytes of dropping to 6, 3, 2 and 1 experts per layer (the reachable points nearest to 0.8 / 0.6 /
+0.45 / 0.35 of the source; a 4-layer model's embeddings and attention are about 30 % of it, so one expert per layer is
+the least any method stores), every other method picks its κ to match each within 2 % (``--target-bytes-ratio``;
+stored bytes count the bit-packed masks and the permutations). Methods:
+
+  pad          IMP, element masks shared by a layer's experts, mean base (PAD's plain recipe)
+  pad-best     IMP, Fisher × frequency base, experts aligned, per-expert masks under one global threshold
+  pad-neuron   IMP, neuron masks, Fisher × frequency base, aligned (the form that serves narrow)
+  drop         the least-routed experts dropped (router rows sliced)
+  reap         REAP: the experts of least gate-weighted output norm dropped
+  merge        every block's experts merged into their mean (one size: one expert per layer)
+
+Healing (the ``-heal`` cells): 64 AdamW steps at 3e-4, KL to the source's next-token distribution, routers trained,
+the best of every 16 steps kept on a held-out tenth of the calibration text (never the evaluation text). Calibration
+seed c: 1,024 training documents drawn with seed c (``--seed c`` too). Evaluation: every other held-out document of
+the pre-training corpus (about 28k tokens), never trained on. Every cell is one ``padmoe compress`` process (one CPU
+thread), recorded in ``--record/<model>/<cell>.json`` and ``cells.jsonl`` (commit, wall time); a recorded cell is not
+run again. The seed-major order leaves whole seeds if a run is cut off.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECORD = os.path.join(REPO_ROOT, "docs", "evidence", "compress")
-KAPPAS = (0.7, 0.5, 0.3, 0.1)
-HEAL = ["--heal-steps", "64", "--heal-lr", "3e-4"]
+sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+RECORD = os.path.join(REPO_ROOT, "docs", "evidence", "compress-bytes")
+KEEP = (6, 3, 2, 1)
 COMMON = ["--calib-batches", "16", "--batch-size", "8", "--seq-len", "128", "--iterations", "5"]
+HEAL = ["--heal-steps", "64", "--heal-lr", "3e-4", "--heal-loss", "kd", "--heal-router", "--heal-select", "16"]
+METHODS = {
+    "pad": ["--method", "imp"],
+    "pad-best": ["--method", "imp", "--static-init", "fisher", "--align", "--mask-sharing", "expert"],
+    "pad-neuron": ["--method", "imp", "--granularity", "neuron", "--static-init", "fisher", "--align"],
+    "drop": ["--method", "drop"],
+    "reap": ["--method", "reap"],
+}
+ORDER = ("pad", "pad-best", "pad-neuron", "drop", "reap", "merge")
 
 
-def cells() -> list[tuple[str, list[str]]]:
-    """(tag, compress flags), the cells without healing first."""
-    plain = [("imp-k1", ["--method", "imp", "--kappa", "1", "--eval-before"]), ("merge", ["--method", "merge"])]
-    for kappa in KAPPAS:
-        plain += [(f"{m}-k{kappa}", ["--method", m, "--kappa", str(kappa)]) for m in ("imp", "random", "drop")]
-    healed = [(f"{tag}-heal", flags + HEAL) for tag, flags in plain if tag != "imp-k1"]
-    return plain + healed
+def byte_ratios(model_dir: str) -> dict[int, float]:
+    """Stored bytes / the source's of dropping to k experts per block, for k in KEEP (the model's shapes only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pad_moe.hfmoe.budget import ByteModel
+
+    with torch.device("meta"):
+        shapes = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    bm = ByteModel(shapes)
+    return {k: bm.drop(k) / bm.source for k in KEEP}
 
 
-def write_texts(folder: str) -> tuple[str, str]:
+def cells(ratios: dict[int, float], seeds) -> list[tuple[str, list[str]]]:
+    """(tag, flags): per seed, the reference (κ = 1, which must reproduce the source), then every method and size,
+    unhealed before healed."""
+    out = []
+    for seed in seeds:
+        base = ["--seed", str(seed)]
+        if seed == seeds[0]:
+            out.append(("reference", ["--method", "imp", "--kappa", "1", "--eval-before", *base]))
+        for heal in (False, True):
+            suffix, extra = ("-heal", HEAL) if heal else ("", [])
+            for keep, ratio in ratios.items():
+                for name, flags in METHODS.items():
+                    out.append((f"{name}-e{keep}{suffix}-c{seed}",
+                                [*flags, "--target-bytes-ratio", f"{ratio:.6f}", *base, *extra]))
+            out.append((f"merge{suffix}-c{seed}", ["--method", "merge", *base, *extra]))
+    return out
+
+
+def write_texts(folder: str, seeds) -> dict:
     from pad_moe.lm.corpus import load_corpus, split_documents
 
     train, held_out = split_documents(load_corpus("wordnet+vader"))
-    calib = random.Random(0).sample(train, 1024)
-    held_out = held_out[::2]  # every other one: both corpora, half the evaluation cost
-    paths = os.path.join(folder, "calib.txt"), os.path.join(folder, "heldout.txt")
-    for path, docs in zip(paths, (calib, held_out)):
+    texts = {f"calib-c{s}": random.Random(s).sample(train, 1024) for s in seeds}
+    texts["heldout"] = held_out[::2]  # every other one: both corpora, half the evaluation cost
+    paths = {}
+    for name, docs in texts.items():
+        path = paths[name] = os.path.join(folder, f"{name}.txt")
         if not os.path.isfile(path):
             with open(path + ".tmp", "w") as f:
                 f.write("\n".join(docs) + "\n")
@@ -65,93 +116,221 @@ def _commit() -> str:
         return "?"
 
 
-def run_cell(tag: str, flags: list[str], model: str, out: str, record: str, calib: str, held_out: str) -> str:
-    target = os.path.join(out, tag)
-    if os.path.exists(target):  # an interrupted cell: start it again
-        import shutil
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-        shutil.rmtree(target)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+def _seed_of(tag: str) -> int:
+    return int(tag.rsplit("-c", 1)[1]) if "-c" in tag else 0
+
+
+def run_cell(tag: str, flags: list[str], model: str, out: str, record: str, texts: dict, keep_output: bool) -> str:
+    target = os.path.join(out, tag)
+    shutil.rmtree(target, ignore_errors=True)  # an interrupted cell starts again
+    calib = texts[f"calib-c{_seed_of(tag)}"]
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "pad_moe.cli", "compress", model, "--calib", calib, "--eval",
-                           held_out, "--out", target, *COMMON, *flags], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True)
+                           texts["heldout"], "--out", target, *COMMON, *flags], cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode != 0:
-        return f"{tag}: failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
+        line = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        with open(os.path.join(record, "failures.jsonl"), "a") as f:
+            f.write(json.dumps({"tag": tag, "rc": proc.returncode, "error": line, "commit": _commit()}) + "\n")
+        return f"{tag}: failed ({proc.returncode}): {line}"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     summary.update(tag=tag, flags=flags, wall_s=round(wall, 1))
-    with open(os.path.join(record, f"{tag}.json"), "w") as f:
+    with open(os.path.join(record, f"{tag}.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
+    os.replace(os.path.join(record, f"{tag}.json.tmp"), os.path.join(record, f"{tag}.json"))
     with open(os.path.join(record, "cells.jsonl"), "a") as f:
-        f.write(json.dumps({"tag": tag, "wall_s": round(wall, 1), "commit": _commit(), "time": time.time()}) + "\n")
-    return f"{tag}: ppl {summary['eval']['perplexity']:.2f}, stored {summary['params_stored']:,} ({wall:.0f} s)"
+        f.write(json.dumps({"tag": tag, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall, 1),
+                            "commit": _commit()}) + "\n")
+    if not keep_output:
+        shutil.rmtree(target, ignore_errors=True)
+    return f"{tag}: ppl {summary['eval']['perplexity']:.2f}, bytes {summary['bytes_ratio']:.4f} ({wall:.0f} s)"
 
 
-def report(record: str) -> str:
+# -- report -----------------------------------------------------------------------------------------------------------
+def collect(folder: str) -> dict[str, dict]:
     rows = {}
-    for name in sorted(os.listdir(record)):
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         if name.endswith(".json"):
-            with open(os.path.join(record, name)) as f:
-                s = json.load(f)
-            if "tag" in s:  # pretrain-summary.json is not a cell
-                rows[s["tag"]] = s
-    if not rows:
-        return "no finished cells"
-    ref = rows.get("imp-k1")
+            with open(os.path.join(folder, name)) as f:
+                rows[name[:-5]] = json.load(f)
+    return rows
+
+
+def _group(tag: str) -> tuple[str, bool, str]:
+    """(method, healed, size key) of a cell tag."""
+    stem = tag.rsplit("-c", 1)[0]
+    healed = stem.endswith("-heal")
+    stem = stem.removesuffix("-heal")
+    if stem == "merge":
+        return "merge", healed, "e1"
+    method, size = stem.rsplit("-", 1)
+    return method, healed, size
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    from evidence_main_job import t_interval as interval
+
+    mean, low, high = interval(values)
+    return mean, (high - low) / 2
+
+
+def table(folder: str) -> tuple[str, dict]:
+    rows = collect(folder)
+    ref = rows.pop("reference", None)
+    groups: dict[tuple, list[dict]] = {}
+    for tag, s in rows.items():
+        groups.setdefault(_group(tag), []).append(s)
     lines = []
     if ref is not None:
         o = ref["eval_original"]
-        lines.append(f"Original MoE: {ref['params_original'] / 1e6:.2f}M parameters, held-out perplexity "
-                     f"{o['perplexity']:.2f} over {o['tokens']:,} tokens (κ=1 IMP cell: {ref['eval']['perplexity']:.2f})"
-                     "\n")
-    lines.append("| method | κ | healed | stored (M) | stored / original | held-out ppl | next-token acc |")
-    lines.append("|---|---|---|---|---|---|---|")
+        lines.append(f"Source: {ref['params_original'] / 1e6:.2f}M parameters, held-out perplexity {o['perplexity']:.2f}"
+                     f", next-token accuracy {o['token_accuracy']:.4f} over {o['tokens']:,} tokens (κ = 1 PAD export: "
+                     f"{ref['eval']['perplexity']:.2f}).\n")
+    lines += ["| size (experts' bytes) | method | healed | stored / source (bytes) | seeds | held-out ppl (±95 %) | "
+              "next-token acc | wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    sizes = sorted({g[2] for g in groups}, key=lambda k: -int(k[1:]))
+    for size in sizes:
+        for method in ORDER:
+            for healed in (False, True):
+                runs = groups.get((method, healed, size))
+                if not runs:
+                    continue
+                ppl = [r["eval"]["perplexity"] for r in runs]
+                acc = [r["eval"]["token_accuracy"] for r in runs]
+                mean, half = t_interval(ppl) if len(ppl) > 1 else (ppl[0], float("nan"))
+                lines.append(f"| {size[1:]} experts | {method} | {'yes' if healed else 'no'} | "
+                             f"{statistics.mean(r['bytes_ratio'] for r in runs):.4f} | {len(runs)} | {mean:.2f}"
+                             f"{'' if half != half else f' ± {half:.2f}'} | {statistics.mean(acc):.4f} | "
+                             f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+    return "\n".join(lines), groups
 
-    def key(tag):
-        s = rows[tag]
-        return (-s["kappa"], tag.endswith("-heal"), ("imp", "random", "drop", "merge").index(s["method"]))
 
-    for tag in sorted(rows, key=key):
-        s = rows[tag]
-        lines.append(f"| {s['method']} | {s['kappa']:g} | {'yes' if tag.endswith('-heal') else 'no'} | "
-                     f"{s['params_stored'] / 1e6:.2f} | {s['stored_ratio']:.3f} | {s['eval']['perplexity']:.2f} | "
-                     f"{s['eval']['token_accuracy']:.4f} |")
-    return "\n".join(lines)
+def plot(folder: str, groups: dict, title: str, png: str, speeds: dict | None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if speeds else 1, figsize=(12 if speeds else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for method in ORDER:
+        for healed in (False, True):
+            points = sorted((statistics.mean(r["bytes_ratio"] for r in runs),
+                             statistics.mean(r["eval"]["perplexity"] for r in runs))
+                            for (m, h, _), runs in groups.items() if m == method and h == healed)
+            if points:
+                ax.plot(*zip(*points), marker="o", linestyle="-" if healed else "--",
+                        label=f"{method}{' healed' if healed else ''}")
+    ax.set(xlabel="stored bytes / source", ylabel="held-out perplexity (mean over seeds)", yscale="log",
+           title=f"{title}: the frontier")
+    ax.legend(fontsize=7)
+    if speeds:
+        names = list(speeds)
+        axes[0][1].barh(names, [speeds[n] for n in names])
+        axes[0][1].axvline(1.0, color="k", lw=0.8)
+        axes[0][1].set(xlabel="decode tokens/s / source's (batch 1, greedy, KV cache)", title="decode speed")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def measure_speed(model: str, out: str, record: str, repeats: int = 5) -> dict[str, float]:
+    """Decode tokens/s of each method's kept output (seed 0, the 3-expert size) relative to the source, in one
+    process, source and outputs alternated so that a load change on the machine hits them alike."""
+    import torch
+
+    from bench_deployed import speed
+
+    from pad_moe.hfmoe.serving import load_deployed
+
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    models = {"source": AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()}
+    for name in ORDER:
+        folder = os.path.join(out, f"{name}-c0" if name == "merge" else f"{name}-e3-c0")
+        if os.path.isdir(folder):
+            models[name] = load_deployed(folder) if os.path.isfile(os.path.join(folder, "pad_deploy.json")) else \
+                AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok_s: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            tok_s[name].append(speed(m, 1, 64, 32, 1, "cpu")["decode_tok_s"])
+    source = statistics.median(tok_s["source"])
+    ratios = {name: statistics.median(v) / source for name, v in tok_s.items() if name != "source"}
+    with open(os.path.join(record, "speed.json"), "w") as f:
+        json.dump({"source_decode_tok_s": source, "ratios": ratios, "commit": _commit(),
+                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "batch": 1, "prompt": 64, "new": 32,
+                   "threads": 1, "repeats": repeats}, f, indent=1)
+    return ratios
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="the pre-trained MoE's Hugging Face folder (RUN_DIR/hf_model)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=HF_DIR", help="repeatable")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "evidence-compress"))
     p.add_argument("--record", default=RECORD)
-    p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="cell tags to run (default: all)")
+    p.add_argument("--speed", action="store_true", help="measure the decode speed of the kept seed-0 outputs")
     p.add_argument("--report", action="store_true")
+    p.add_argument("--png-dir", default=None)
     args = p.parse_args(argv)
     if args.report:
-        print(report(args.record))
+        for name in sorted(os.listdir(args.record)) if os.path.isdir(args.record) else []:
+            folder = os.path.join(args.record, name)
+            if not os.path.isdir(folder):
+                continue
+            text, groups = table(folder)
+            print(f"### {name}\n\n{text}\n")
+            speeds = None
+            if os.path.isfile(os.path.join(folder, "speed.json")):
+                with open(os.path.join(folder, "speed.json")) as f:
+                    speeds = json.load(f)["ratios"]
+                print("decode tokens/s / source's: " + ", ".join(f"{k} {v:.2f}×" for k, v in speeds.items()) + "\n")
+            if args.png_dir and groups:
+                os.makedirs(args.png_dir, exist_ok=True)
+                print(plot(folder, groups, name, os.path.join(args.png_dir, f"compress-{name}.png"), speeds))
         return 0
-    if not args.model or not os.path.isfile(os.path.join(args.model, "config.json")):
-        print(f"evidence_compress: error: --model {args.model} is not a Hugging Face folder", file=sys.stderr)
+    models = {}
+    for item in args.model:
+        name, _, path = item.partition("=")
+        if not name or not os.path.isfile(os.path.join(path, "config.json")):
+            print(f"evidence_compress: error: --model {item!r} must be NAME=HF_DIR of a Hugging Face folder "
+                  "(tools/evidence_pretrain.py --rebuild-models rebuilds the study's)", file=sys.stderr)
+            return 2
+        models[name] = path
+    if not models:
+        print("evidence_compress: error: pass --model NAME=HF_DIR", file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.record, exist_ok=True)
-    calib, held_out = write_texts(args.out)
-    todo = [(t, f) for t, f in cells() if (args.only is None or t in args.only)
-            and not os.path.isfile(os.path.join(args.record, f"{t}.json"))]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_cell, t, f, args.model, args.out, args.record, calib, held_out) for t, f in todo]
-        for fut in concurrent.futures.as_completed(futures):
-            print(fut.result(), flush=True)
-    ref = os.path.join(args.record, "imp-k1.json")
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            s = json.load(f)
-        if s["eval"] != s["eval_original"]:
-            print("evidence_compress: error: the κ=1 cell does not reproduce the original perplexity", file=sys.stderr)
-            return 1
+    for name, path in models.items():
+        out, record = os.path.join(args.out, name), os.path.join(args.record, name)
+        os.makedirs(out, exist_ok=True)
+        os.makedirs(record, exist_ok=True)
+        if args.speed:
+            print(name, json.dumps(measure_speed(path, out, record)))
+            continue
+        texts = write_texts(args.out, args.seeds)
+        for tag, flags in cells(byte_ratios(path), args.seeds):
+            if (args.only is not None and tag not in args.only) or os.path.isfile(os.path.join(record, f"{tag}.json")):
+                continue
+            keep = tag.endswith("-e3-c0") or tag == "merge-c0"  # the outputs the speed pass measures
+            print(run_cell(tag, flags, path, out, record, texts, keep), flush=True)
+        ref = os.path.join(record, "reference.json")
+        if os.path.isfile(ref):
+            with open(ref) as f:
+                s = json.load(f)
+            if abs(s["eval"]["perplexity"] - s["eval_original"]["perplexity"]) > 1e-4 * s["eval_original"]["perplexity"]:
+                print(f"evidence_compress: error: {name}: the κ=1 cell does not reproduce the source's perplexity",
+                      file=sys.stderr)
+                return 1
     return 0
 
 
