@@ -11,7 +11,7 @@ import pytest
 from pad_moe.cli import build_parser, commands, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("train", "config", "presets", "count", "export", "consolidate", "reshard", "compress", "plan")
+COMMANDS = ("train", "config", "presets", "count", "export", "consolidate", "reshard", "compress", "upcycle", "plan")
 
 
 def _subparsers(parser):

@@ -179,3 +179,41 @@ def test_pretrain_report_pairs_by_seed_and_plots(tmp_path):
     for path in pretrain.plot(str(tmp_path), str(tmp_path / "png")):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def load_compress():
+    spec = importlib.util.spec_from_file_location("evidence_compress", os.path.join(REPO, "tools",
+                                                                                     "evidence_compress.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compress_cells_match_bytes_per_size_and_the_report_tabulates_and_plots(tmp_path):
+    ev = load_compress()
+    ratios = {6: 0.82, 3: 0.56, 2: 0.47, 1: 0.38}
+    cells = ev.cells(ratios, [0, 1])
+    tags = [t for t, _ in cells]
+    assert len(tags) == len(set(tags)) == 1 + 2 * 2 * (4 * len(ev.METHODS) + 1)
+    assert tags[0] == "reference" and tags.index("pad-e6-c1") > tags.index("merge-heal-c0")  # seed-major
+    for tag, flags in cells:  # every sized cell asks for the drop size's bytes; healing only in -heal cells
+        method, healed, size = ev._group(tag) if tag != "reference" else ("reference", False, "")
+        assert ("--heal-steps" in flags) == healed
+        if method in ev.METHODS:
+            assert flags[flags.index("--target-bytes-ratio") + 1] == f"{ratios[int(size[1:])]:.6f}"
+        assert flags[flags.index("--seed") + 1] == tag.rsplit("-c", 1)[1] if tag != "reference" else "0"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    ppl = {"pad-e3-c0": 150.0, "pad-e3-c1": 154.0, "drop-e3-c0": 170.0, "drop-e3-c1": 160.0, "merge-heal-c0": 300.0}
+    for tag, value in ppl.items():
+        (folder / f"{tag}.json").write_text(json.dumps({"eval": {"perplexity": value, "token_accuracy": 0.2},
+                                                        "bytes_ratio": 0.56, "wall_s": 10.0}))
+    text, groups = ev.table(str(folder))
+    mean, half = ev.t_interval([150.0, 154.0])
+    assert f"| 3 experts | pad | no | 0.5600 | 2 | {mean:.2f} ± {half:.2f} | 0.2000 | 10 |" in text
+    assert "| 1 experts | merge | yes | 0.5600 | 1 | 300.00 | 0.2000 | 10 |" in text
+    assert text.index("| 3 experts | pad |") < text.index("| 3 experts | drop |") < text.index("| 1 experts |")
+    png = ev.plot(str(folder), groups, "model", str(tmp_path / "f.png"), {"pad": 1.1, "drop": 1.3})
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
