@@ -217,3 +217,40 @@ def test_compress_cells_match_bytes_per_size_and_the_report_tabulates_and_plots(
     png = ev.plot(str(folder), groups, "model", str(tmp_path / "f.png"), {"pad": 1.1, "drop": 1.3})
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compress_speed_pass_loads_every_kept_output_and_records_ratios(tmp_path):
+    """The --speed pass loads PAD outputs with load_deployed and baselines as plain HF models (it once imported
+    load_deployed from a module that does not have it, found only when the real pass ran)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from pad_moe.hfmoe.deployed import save_compressed
+    from pad_moe.hfmoe.experts import import_hf_moe
+    from pad_moe.lm.tokenizer import train_bpe
+
+    ev = load_compress()
+    threads = torch.get_num_threads()
+    config = MixtralConfig(vocab_size=320, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=128, eos_token_id=1, bos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    source = MixtralForCausalLM(config).eval()
+    source.save_pretrained(tmp_path / "source")
+    out = tmp_path / "out"
+    source.save_pretrained(out / "drop-e3-c0")  # a baseline's output is a plain HF folder
+    pad = MixtralForCausalLM(config).eval()
+    pad.load_state_dict(source.state_dict())
+    import_hf_moe(pad, granularity="neuron")
+    tokenizer = train_bpe([f"line {i} of {w}" for i in range(200) for w in ("sun", "fog")], 320)
+    save_compressed(pad, tokenizer, str(out / "pad-neuron-e3-c0"),
+                    {"family": "mixtral", "method": "random", "kappa": 1.0, "granularity": "neuron"})
+    record = tmp_path / "record"
+    record.mkdir()
+    try:
+        ratios = ev.measure_speed(str(tmp_path / "source"), str(out), str(record), repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(ratios) == {"drop", "pad-neuron"} and all(r > 0 for r in ratios.values())
+    saved = json.loads((record / "speed.json").read_text())
+    assert saved["ratios"] == ratios and saved["source_decode_tok_s"] > 0

@@ -248,7 +248,7 @@ def measure_speed(model: str, out: str, record: str, repeats: int = 5) -> dict[s
 
     from bench_deployed import speed
 
-    from pad_moe.hfmoe.serving import load_deployed
+    from pad_moe.deploy.export import load_deployed
 
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
