@@ -3,7 +3,7 @@
 against the source model, in one invocation (ratios measured in the same process, same threads, same prompts).
 
     python tools/bench_deployed.py [--model DIR] [--kappa 0.5] [--batches 1 8] [--prompt 128] [--new 32] \
-        [--threads 1] [--repeats 3] [--device cpu|cuda] [--dtype fp32|bf16] [--json PATH]
+        [--threads 1] [--repeats 3] [--rounds 3] [--device cpu|cuda] [--dtype fp32|bf16] [--json PATH]
 
 The source: ``--model`` (a trained HF MoE folder with its tokenizer) or, by default, a randomly initialised
 Mixtral-style MoE of the size the compression evidence uses (4 layers, H=256, 8 experts of F=640, top-2, 8,192 ids:
@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per round (their median)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all outputs (the median of rounds)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--work", default=None, help="folder for the outputs (default: a temporary one)")
@@ -156,15 +157,20 @@ def main(argv=None) -> int:
             label = name if form is None else f"{name}/{form}"
             load = (lambda o=out, f=form: load_deployed(o, dtype=dtype, **({} if f is None else {"resident": f})))
             candidates.append((label, form, load, out))
-    rows = []
+    # every output loaded once, then measured in interleaved rounds: a drift of the machine's speed hits all alike
+    models, rows = [], []
     for label, _form, load, folder in candidates:
-        model = load().to(args.device).eval()
-        row = {"output": label, "resident_bytes": resident_bytes(model), "disk_bytes": disk_bytes(folder)}
-        for b in args.batches:
-            for key, value in speed(model, b, args.prompt, args.new, args.repeats, args.device).items():
-                row[f"{key}@{b}"] = value
-        rows.append(row)
-        del model
+        models.append(load().to(args.device).eval())
+        rows.append({"output": label, "resident_bytes": resident_bytes(models[-1]), "disk_bytes": disk_bytes(folder)})
+    samples: dict[tuple[int, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for i, model in enumerate(models):
+            for b in args.batches:
+                for key, value in speed(model, b, args.prompt, args.new, args.repeats, args.device).items():
+                    samples.setdefault((i, f"{key}@{b}"), []).append(value)
+    for (i, key), values in samples.items():
+        rows[i][key] = statistics.median(values)
+    del models
     base = rows[0]
     print(f"device {args.device}, {args.dtype}, {args.threads} thread(s), prompt {args.prompt}, {args.new} new tokens, "
           f"κ={args.kappa}, source disk {source_bytes / 2**20:.1f} MiB")

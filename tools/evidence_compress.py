@@ -156,7 +156,7 @@ def run_cell(tag: str, flags: list[str], model: str, out: str, record: str, text
 def collect(folder: str) -> dict[str, dict]:
     rows = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".json"):
+        if name.endswith(".json") and name != "speed.json":  # speed.json: the --speed pass's record, not a cell
             with open(os.path.join(folder, name)) as f:
                 rows[name[:-5]] = json.load(f)
     return rows
@@ -211,6 +211,38 @@ def table(folder: str) -> tuple[str, dict]:
     return "\n".join(lines), groups
 
 
+PAD_RECIPE = ("pad-best", "pad-neuron")  # fixed before the runs: the first one that reaches the size, healed
+BASELINES = ("drop", "reap", "merge")
+
+
+def verdict(folder: str) -> str:
+    """Per size: the fixed PAD recipe against the best baseline there (chosen on the evaluation text, which favours
+    the baselines), paired by calibration seed, 95 % t interval of the perplexity difference."""
+    from evidence_main_job import t_interval as interval
+
+    by_seed: dict[tuple, dict[str, float]] = {}
+    for tag, s in collect(folder).items():
+        if tag != "reference":
+            by_seed.setdefault(_group(tag), {})[tag.rsplit("-c", 1)[1]] = s["eval"]["perplexity"]
+    lines = ["| size | PAD recipe (healed) | ppl | best baseline | ppl | PAD − baseline (95 %, paired by seed) | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for size in sorted({k[2] for k in by_seed}, key=lambda k: -int(k[1:])):
+        pad = next((m for m in PAD_RECIPE if (m, True, size) in by_seed), None)
+        candidates = [(statistics.mean(v.values()), m, h) for (m, h, z), v in by_seed.items()
+                      if z == size and m in BASELINES]
+        if pad is None or not candidates:
+            continue
+        _, base, healed = min(candidates)
+        a, b = by_seed[(pad, True, size)], by_seed[(base, healed, size)]
+        seeds = sorted(set(a) & set(b))
+        diffs = [a[c] - b[c] for c in seeds]
+        mean, low, high = interval(diffs) if len(diffs) > 1 else (diffs[0], float("nan"), float("nan"))
+        lines.append(f"| {size[1:]} experts | {pad} | {statistics.mean(a[c] for c in seeds):.2f} | {base}"
+                     f"{' healed' if healed else ''} | {statistics.mean(b[c] for c in seeds):.2f} | {mean:+.2f} "
+                     f"[{low:+.2f}, {high:+.2f}] | {' '.join(f'{d:+.2f}' for d in diffs)} |")
+    return "\n".join(lines)
+
+
 def plot(folder: str, groups: dict, title: str, png: str, speeds: dict | None) -> str:
     import matplotlib
 
@@ -219,16 +251,19 @@ def plot(folder: str, groups: dict, title: str, png: str, speeds: dict | None) -
 
     fig, axes = plt.subplots(1, 2 if speeds else 1, figsize=(12 if speeds else 7, 4.5), squeeze=False)
     ax = axes[0][0]
+    colours = dict(zip(ORDER, ("tab:blue", "tab:red", "tab:purple", "tab:green", "tab:orange", "tab:gray")))
     for method in ORDER:
         for healed in (False, True):
             points = sorted((statistics.mean(r["bytes_ratio"] for r in runs),
                              statistics.mean(r["eval"]["perplexity"] for r in runs))
                             for (m, h, _), runs in groups.items() if m == method and h == healed)
             if points:
-                ax.plot(*zip(*points), marker="o", linestyle="-" if healed else "--",
-                        label=f"{method}{' healed' if healed else ''}")
-    ax.set(xlabel="stored bytes / source", ylabel="held-out perplexity (mean over seeds)", yscale="log",
-           title=f"{title}: the frontier")
+                ax.plot(*zip(*points), marker="o" if healed else "x", linestyle="-" if healed else "--",
+                        color=colours[method], label=f"{method}{' healed' if healed else ''}")
+    best = min(y for line in ax.get_lines() for y in line.get_ydata())
+    ax.set_ylim(0.98 * best, 1.4 * best)  # the frontier lives near the source; the collapsed cells are in the table
+    ax.set(xlabel="stored bytes / source", ylabel="held-out perplexity (mean over seeds)",
+           title=f"{title}: the frontier (clipped at 1.4x the best cell)")
     ax.legend(fontsize=7)
     if speeds:
         names = list(speeds)
@@ -289,7 +324,7 @@ def main(argv=None) -> int:
             if not os.path.isdir(folder):
                 continue
             text, groups = table(folder)
-            print(f"### {name}\n\n{text}\n")
+            print(f"### {name}\n\n{text}\n\n{verdict(folder)}\n")
             speeds = None
             if os.path.isfile(os.path.join(folder, "speed.json")):
                 with open(os.path.join(folder, "speed.json")) as f:
