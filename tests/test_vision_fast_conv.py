@@ -92,6 +92,15 @@ def test_fast_paths_match_the_reference_forward_and_every_gradient(kind, geometr
     _assert_match(_run(_layer(kind, geometry, impl), kind), ref)
 
 
+@pytest.mark.parametrize("kind", ["pad κ=0.5", "pad κ=0.1", "pad relaxed"])
+@pytest.mark.parametrize("impl", FAST)
+def test_pad_unfolded_static_term_matches_the_reference(kind, impl, tiling, monkeypatch):
+    """fold_static=False (W_s as a (K+1)-th term, masks per tile; what an all-static layer takes) ≡ the reference."""
+    ref = _run(_layer(kind, "3x3 stride 2", "grouped"), kind)
+    monkeypatch.setattr(PadDynamicConv2d, "fold_static", False)
+    _assert_match(_run(_layer(kind, "3x3 stride 2", impl), kind), ref)
+
+
 @pytest.mark.parametrize("scale_mode", ["none", "static", "dynamic", "unconstrained"])
 @pytest.mark.parametrize("impl", FAST)
 def test_fast_paths_match_the_reference_for_every_pad_scale_mode(scale_mode, impl, tiling):

@@ -256,11 +256,25 @@ class PadDynamicConv2d(PadMaskMixin, DynamicConv2d):
         kernels = torch.addcmul(self._static_part(mask_f, lam_s), lam_d * mask_f, self.weight)  # (K, O, C/g, kh, kw)
         return kernels, coef_BK
 
+    fold_static = True
+    """Fast paths: fold the static part into the K kernels once per step (``mix_kernels``: K terms per per-sample
+    kernel, DY-Conv's cost) instead of carrying it as a (K+1)-th term with masks applied per tile (6 % of a ResNet-18
+    training step at κ=0.1, docs/vision.md)."""
+
     def kernel_terms(self, coef_BK: torch.Tensor) -> tuple:
-        """Θ_b = Σ_k (λd π_bk)·M ⊙ W_k + λs·(1−M) ⊙ W_s: coefficients [λd π, λs] (B, K+1), W, scale M, extra kernel
-        W_s with scale 1 − M; for a bool or a relaxed mask alike. The fast path applies the masks and λ a tile at a
-        time, so no N- or K·N-sized tensor is built per step (a bool mask's 0/1 copies are cached); a 0/1 mask
-        multiplies exactly, so W_k at M = 0 and W_s at M = 1 get exactly zero gradient."""
+        """Folded (``fold_static``): Θ_b = Σ_k π_bk (λs(1−M)⊙W_s + λd M⊙W_k), exact because the attention sums to one
+        (``mix_kernels``); the K folded kernels cost one K·N pass per step, and a 0/1 mask multiplies exactly, so W_k
+        at M = 0 and W_s at M = 1 get exactly zero gradient.
+
+        Unfolded: Θ_b = Σ_k (λd π_bk)·M ⊙ W_k + λs·(1−M) ⊙ W_s: coefficients [λd π, λs] (B, K+1), W, scale M, extra
+        kernel W_s with scale 1 − M; for a bool or a relaxed mask alike. The fast path applies the masks and λ a tile
+        at a time, so no N- or K·N-sized tensor is built per step (a bool mask's 0/1 copies are cached)."""
+        mask = self._mask()
+        # an all-static layer stays unfolded: there M = 0 multiplies the attention out exactly, where the fold leaves
+        # it a rounding-noise gradient (~1e-9) that Adam would scale up to full-size steps
+        if self.fold_static and (mask.dtype != torch.bool or self._dynamic_index(mask).numel()):
+            kernels, coef = self.mix_kernels(coef_BK)
+            return coef.to(kernels.dtype), kernels.reshape(self.num_kernels, -1), None, None, None
         lam_s, lam_d = self.scale_factors()
         mask_f, static_f = self._mask_pair(self._mask())
         coef = coef_BK.to(self.weight.dtype)
