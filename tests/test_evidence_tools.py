@@ -271,3 +271,15 @@ def test_compress_speed_pass_loads_every_kept_output_and_records_ratios(tmp_path
     assert set(ratios) == {"drop", "pad-neuron"} and all(r > 0 for r in ratios.values())
     saved = json.loads((record / "speed.json").read_text())
     assert saved["ratios"] == ratios and saved["source_decode_tok_s"] > 0
+
+
+def test_compress_resume_skips_cells_that_were_refused_but_not_ones_that_crashed(tmp_path):
+    """A refusal (exit 2) is the same on every run, so a resume does not run it again (it once did, every resume);
+    a crash (any other exit) is retried."""
+    ev = load_compress()
+    assert ev.refused(str(tmp_path)) == set()
+    (tmp_path / "failures.jsonl").write_text(
+        json.dumps({"tag": "pad-best-e1-c0", "rc": 2, "error": "padmoe compress: error: ..."}) + "\n"
+        + json.dumps({"tag": "drop-e3-c1", "rc": 1, "error": "Traceback"}) + "\n\n"
+        + json.dumps({"tag": "pad-best-e1-c0", "rc": 2, "error": "padmoe compress: error: ..."}) + "\n")
+    assert ev.refused(str(tmp_path)) == {"pad-best-e1-c0"}

@@ -152,6 +152,16 @@ def run_cell(tag: str, flags: list[str], model: str, out: str, record: str, text
     return f"{tag}: ppl {summary['eval']['perplexity']:.2f}, bytes {summary['bytes_ratio']:.4f} ({wall:.0f} s)"
 
 
+def refused(record: str) -> set[str]:
+    """Tags whose cell ``padmoe compress`` refused (exit 2: bad input, the same on every run at this code) in
+    ``record/failures.jsonl``; a resume skips them unless asked to retry."""
+    path = os.path.join(record, "failures.jsonl")
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as f:
+        return {r["tag"] for r in map(json.loads, filter(str.strip, f)) if r.get("rc") == 2}
+
+
 # -- report -----------------------------------------------------------------------------------------------------------
 def collect(folder: str) -> dict[str, dict]:
     rows = {}
@@ -315,6 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--record", default=RECORD)
     p.add_argument("--only", nargs="*", default=None, help="cell tags to run (default: all)")
     p.add_argument("--speed", action="store_true", help="measure the decode speed of the kept seed-0 outputs")
+    p.add_argument("--retry-refused", action="store_true",
+                   help="run again the cells compress refused before (exit 2 in failures.jsonl)")
     p.add_argument("--report", action="store_true")
     p.add_argument("--png-dir", default=None)
     args = p.parse_args(argv)
@@ -353,8 +365,12 @@ def main(argv=None) -> int:
             print(name, json.dumps(measure_speed(path, out, record)))
             continue
         texts = write_texts(args.out, args.seeds)
+        skip = set() if args.retry_refused else refused(record)
         for tag, flags in cells(byte_ratios(path), args.seeds):
             if (args.only is not None and tag not in args.only) or os.path.isfile(os.path.join(record, f"{tag}.json")):
+                continue
+            if tag in skip:
+                print(f"{tag}: refused on an earlier run (failures.jsonl), skipped; --retry-refused runs it again")
                 continue
             keep = tag.endswith("-e3-c0") or tag == "merge-c0"  # the outputs the speed pass measures
             print(run_cell(tag, flags, path, out, record, texts, keep), flush=True)
