@@ -228,7 +228,7 @@ def test_compress_cells_match_bytes_per_size_and_the_report_tabulates_and_plots(
         (folder / f"{name}.json").unlink()
     text, groups = ev.table(str(folder))
     mean, half = ev.t_interval([150.0, 154.0])
-    assert f"| 3 experts | pad | no | 0.5600 | 2 | {mean:.2f} ± {half:.2f} | 0.2000 | 10 |" in text
+    assert f"| 3 experts | pad | no | 0.5600 | 2 | {mean:.2f} ± {half:.2f} | 0.2000 ± 0.0000 | 10 |" in text
     assert "| 1 experts | merge | yes | 0.5600 | 1 | 300.00 | 0.2000 | 10 |" in text
     assert text.index("| 3 experts | pad |") < text.index("| 3 experts | drop |") < text.index("| 1 experts |")
     png = ev.plot(str(folder), groups, "model", str(tmp_path / "f.png"), {"pad": 1.1, "drop": 1.3})

@@ -203,7 +203,7 @@ def table(folder: str) -> tuple[str, dict]:
                      f", next-token accuracy {o['token_accuracy']:.4f} over {o['tokens']:,} tokens (κ = 1 PAD export: "
                      f"{ref['eval']['perplexity']:.2f}).\n")
     lines += ["| size (experts' bytes) | method | healed | stored / source (bytes) | seeds | held-out ppl (±95 %) | "
-              "next-token acc | wall (s) |", "|---|---|---|---|---|---|---|---|"]
+              "next-token acc (±95 %) | wall (s) |", "|---|---|---|---|---|---|---|---|"]
     sizes = sorted({g[2] for g in groups}, key=lambda k: -int(k[1:]))
     for size in sizes:
         for method in ORDER:
@@ -214,9 +214,11 @@ def table(folder: str) -> tuple[str, dict]:
                 ppl = [r["eval"]["perplexity"] for r in runs]
                 acc = [r["eval"]["token_accuracy"] for r in runs]
                 mean, half = t_interval(ppl) if len(ppl) > 1 else (ppl[0], float("nan"))
+                acc_mean, acc_half = t_interval(acc) if len(acc) > 1 else (acc[0], float("nan"))
                 lines.append(f"| {size[1:]} experts | {method} | {'yes' if healed else 'no'} | "
                              f"{statistics.mean(r['bytes_ratio'] for r in runs):.4f} | {len(runs)} | {mean:.2f}"
-                             f"{'' if half != half else f' ± {half:.2f}'} | {statistics.mean(acc):.4f} | "
+                             f"{'' if half != half else f' ± {half:.2f}'} | {acc_mean:.4f}"
+                             f"{'' if acc_half != acc_half else f' ± {acc_half:.4f}'} | "
                              f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
     return "\n".join(lines), groups
 
