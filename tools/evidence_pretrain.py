@@ -205,12 +205,15 @@ def plot(record: str, folder: str) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, runs in found.items():
         xs = [r["params_compact"] / 1e6 for r in runs.values()]
-        ts = [r["wall_time_s"] / 60 for r in runs.values()]
+        # an upcycled cell's cost includes its first stage: the dense-half run of its seed
+        first = found.get("dense-half", {}) if name in STAGED else {}
+        ts = [(r["wall_time_s"] + first.get(seed, {}).get("wall_time_s", 0)) / 60 for seed, r in runs.items()]
         ys = [heldout(r) for r in runs.values()]
         axes[0].scatter(xs, ys, label=name)
         axes[1].scatter(ts, ys, label=name)
     axes[0].set(xlabel="stored parameters (M)", ylabel="held-out perplexity", title="frontier: size")
-    axes[1].set(xlabel="training wall time (min, shared CPU)", ylabel="held-out perplexity", title="frontier: time")
+    axes[1].set(xlabel="training wall time (min; up-*: both stages)", ylabel="held-out perplexity",
+                title="frontier: time (dense/moe/pad-w* on a shared CPU)")
     axes[0].legend()
     fig.tight_layout()
     paths = [os.path.join(folder, "pretrain-frontier.png")]
