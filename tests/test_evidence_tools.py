@@ -181,12 +181,6 @@ def test_pretrain_report_pairs_by_seed_and_plots(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def ev_interval(values):
-    from evidence_main_job import t_interval
-
-    return t_interval(values)
-
-
 def load_compress():
     spec = importlib.util.spec_from_file_location("evidence_compress", os.path.join(REPO, "tools",
                                                                                      "evidence_compress.py"))
@@ -221,7 +215,9 @@ def test_compress_cells_match_bytes_per_size_and_the_report_tabulates_and_plots(
     (folder / "pad-best-e3-heal-c1.json").write_text(json.dumps({"eval": {"perplexity": 151.0, "token_accuracy": 0.2},
                                                                  "bytes_ratio": 0.56, "wall_s": 10.0}))
     verdict = ev.verdict(str(folder))  # the fixed PAD recipe against the best baseline, paired by seed
-    mean, low, high = ev_interval([140.0 - 170.0, 151.0 - 160.0])
+    from evidence_main_job import t_interval
+
+    mean, low, high = t_interval([140.0 - 170.0, 151.0 - 160.0])
     assert f"| 3 experts | pad-best | 145.50 | drop | 165.00 | {mean:+.2f} [{low:+.2f}, {high:+.2f}] | -30.00 -9.00 |" \
         in verdict
     for name in ("pad-best-e3-heal-c0", "pad-best-e3-heal-c1", "speed"):

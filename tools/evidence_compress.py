@@ -190,6 +190,14 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return mean, (high - low) / 2
 
 
+def _mean_interval(values: list[float], digits: int) -> str:
+    """'mean ± 95 % half-width' over the seeds, or the one value."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    mean, half = t_interval(values)
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
 def table(folder: str) -> tuple[str, dict]:
     rows = collect(folder)
     ref = rows.pop("reference", None)
@@ -211,14 +219,10 @@ def table(folder: str) -> tuple[str, dict]:
                 runs = groups.get((method, healed, size))
                 if not runs:
                     continue
-                ppl = [r["eval"]["perplexity"] for r in runs]
-                acc = [r["eval"]["token_accuracy"] for r in runs]
-                mean, half = t_interval(ppl) if len(ppl) > 1 else (ppl[0], float("nan"))
-                acc_mean, acc_half = t_interval(acc) if len(acc) > 1 else (acc[0], float("nan"))
+                ppl = _mean_interval([r["eval"]["perplexity"] for r in runs], 2)
+                acc = _mean_interval([r["eval"]["token_accuracy"] for r in runs], 4)
                 lines.append(f"| {size[1:]} experts | {method} | {'yes' if healed else 'no'} | "
-                             f"{statistics.mean(r['bytes_ratio'] for r in runs):.4f} | {len(runs)} | {mean:.2f}"
-                             f"{'' if half != half else f' ± {half:.2f}'} | {acc_mean:.4f}"
-                             f"{'' if acc_half != acc_half else f' ± {acc_half:.4f}'} | "
+                             f"{statistics.mean(r['bytes_ratio'] for r in runs):.4f} | {len(runs)} | {ppl} | {acc} | "
                              f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
     return "\n".join(lines), groups
 
@@ -235,7 +239,7 @@ def verdict(folder: str) -> str:
     by_seed: dict[tuple, dict[str, float]] = {}
     for tag, s in collect(folder).items():
         if tag != "reference":
-            by_seed.setdefault(_group(tag), {})[tag.rsplit("-c", 1)[1]] = s["eval"]["perplexity"]
+            by_seed.setdefault(_group(tag), {})[_seed_of(tag)] = s["eval"]["perplexity"]
     lines = ["| size | PAD recipe (healed) | ppl | best baseline | ppl | PAD − baseline (95 %, paired by seed) | per seed |",
              "|---|---|---|---|---|---|---|"]
     for size in sorted({k[2] for k in by_seed}, key=lambda k: -int(k[1:])):

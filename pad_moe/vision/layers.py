@@ -310,7 +310,7 @@ class PadDynamicConv2d(PadMaskMixin, DynamicConv2d):
             kernels, coef = self.mix_kernels(coef_BK)
             return coef.to(kernels.dtype), kernels.reshape(self.num_kernels, -1), None, None, None
         lam_s, lam_d = self.scale_factors()
-        mask_f, static_f = self._mask_pair(self._mask())
+        mask_f, static_f = self._mask_pair(mask)
         coef = coef_BK.to(self.weight.dtype)
         lam_s = torch.as_tensor(lam_s, dtype=coef.dtype, device=coef.device).reshape(1, 1).expand(coef.shape[0], 1)
         coef = torch.cat([lam_d * coef, lam_s], 1)
