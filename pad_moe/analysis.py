@@ -19,7 +19,7 @@ from pad_moe.moe.layer import MoEFFN
 def effective_expert_weights(layer: MoEFFN) -> torch.Tensor:
     """(E_local, P): every local expert's effective FFN weights, flattened (PAD: the mixed weights), the stacked
     weights the dropless dispatch computes with."""
-    stacked = layer._stacked_weights()
+    stacked = layer.expert_weights()
     return torch.cat([w.reshape(w.shape[0], -1) for w in stacked.values()], dim=1)
 
 

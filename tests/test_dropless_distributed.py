@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from pad_moe.testing.layers import per_expert_named
 from pad_moe.testing.ranks import run_ranks
 
 H, F, E = 8, 16, 4
@@ -65,13 +66,10 @@ def worker(rank, world):
         ref = _engine(Tiny(1, 0, "capacity", expert_type))
         ep2 = _engine(Tiny(2, rank, "dropless", expert_type))
         out_ref, out_ep2 = _train(ref, rank, 4), _train(ep2, rank, 4)
-        ref_p = dict(ref.module.named_parameters())
+        ref_p = per_expert_named(ref.module.named_parameters())
         diffs = []
-        for name, p in ep2.module.named_parameters():
-            if ".deepspeed_experts." in name:  # local expert i on this rank is global expert 2*rank + i
-                head, tail = name.split(".deepspeed_experts.")
-                local, rest = tail.split(".", 1)
-                name = f"{head}.deepspeed_experts.{2 * rank + int(local)}.{rest}"
+        # local expert i on this rank is global expert 2*rank + i
+        for name, p in per_expert_named(ep2.module.named_parameters(), 2 * rank).items():
             diffs.append(float((p.detach() - ref_p[name].detach()).abs().max()))
         result[expert_type] = {"out": max(float((a - b).abs().max()) for a, b in zip(out_ref, out_ep2)),
                                "param": max(diffs), "counts": [c.tolist() for c in ep2.module.counts]}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pad_moe.moe.grouped import backend, grouped_linear
+from pad_moe.testing.layers import per_expert_named
 from pad_moe.testing.ranks import run_ranks
 
 H, F, E, K = 8, 16, 4, 2
@@ -55,15 +56,6 @@ def loss_of(layer, x: torch.Tensor):
     return (out * target).sum() + 0.1 * aux, counts
 
 
-def expert_name(name: str, ep_rank: int, num_local: int) -> str:
-    """A local expert's parameter name under its global expert id."""
-    if ".deepspeed_experts." not in name:
-        return name
-    head, tail = name.split(".deepspeed_experts.")
-    local, rest = tail.split(".", 1)
-    return f"{head}.deepspeed_experts.{ep_rank * num_local + int(local)}.{rest}"
-
-
 def ep2_worker(rank, world):
     import torch.distributed as dist
 
@@ -75,8 +67,9 @@ def ep2_worker(rank, world):
         layer.moe.set_deepspeed_parallelism()
         loss, counts = loss_of(layer, inputs(scenario, rank))
         loss.backward()
-        grads = {expert_name(n, rank, layer.num_local_experts): None if p.grad is None else p.grad.numpy().copy()
-                 for n, p in layer.named_parameters()}
+        named_grads = per_expert_named({n: p.grad for n, p in layer.named_parameters()},
+                                       rank * layer.num_local_experts)
+        grads = {n: None if g is None else g.numpy().copy() for n, g in named_grads.items()}
         results[(expert_type, scenario)] = {"grads": grads, "counts": counts.tolist()}
     return results
 
@@ -88,7 +81,7 @@ def reference_grads(expert_type: str, scenario: str, world: int) -> dict:
     layer = build_layer(expert_type, scenario, ep_size=1, ep_rank=0)
     names, params = zip(*layer.named_parameters())
     loss = sum(loss_of(layer, inputs(scenario, rank))[0] for rank in range(world))
-    return dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True)))
+    return per_expert_named(zip(names, torch.autograd.grad(loss, params, allow_unused=True)))
 
 
 def is_expert(name: str) -> bool:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from pad_moe.testing.layers import per_expert_named
 from pad_moe.testing.ranks import run_ranks
 
 H, F, E = 8, 16, 4
@@ -79,16 +80,11 @@ def ep_and_zero_worker(rank, world, ckpt_dir):
     out_ref, _ = _train(ref, rank, 4)
     out_ep2, _ = _train(ep2, rank, 4)
     result["max_out_diff"] = max(float((a - b).abs().max()) for a, b in zip(out_ref, out_ep2))
-    ref_p = dict(ref.module.named_parameters())
+    ref_p = per_expert_named(ref.module.named_parameters())
     diffs = {}
-    for name, p in ep2.module.named_parameters():
-        if ".deepspeed_experts." in name:  # local expert i on this rank is global expert 2*rank + i
-            head, tail = name.split(".deepspeed_experts.")
-            local, rest = tail.split(".", 1)
-            name_ref = f"{head}.deepspeed_experts.{2 * rank + int(local)}.{rest}"
-        else:
-            name_ref = name
-        diffs[name] = float((p.detach() - ref_p[name_ref].detach()).abs().max())
+    # local expert i on this rank is global expert 2*rank + i
+    for name, p in per_expert_named(ep2.module.named_parameters(), 2 * rank).items():
+        diffs[name] = float((p.detach() - ref_p[name].detach()).abs().max())
     result["max_param_diff"] = max(diffs.values())
     # the static weight, φ and masks stay identical on all ranks
     shared = torch.cat([ep2.module.pad.static.fc1.weight.detach().flatten(), ep2.module.pad.phi.detach().flatten()] +

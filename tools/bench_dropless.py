@@ -6,6 +6,11 @@ gated (glu) experts (issue 12). Not a test: figures go to BENCHMARKS.md with the
     python tools/bench_dropless.py --quick               # seconds, a smoke test
     python tools/bench_dropless.py --json out.json
 
+``ds-*`` plain-MoE variants are DeepSpeed's own ``MoE`` with its per-expert ``Experts`` (one nn.Module FFN per expert,
+looped): the reference. ``ds-*-pad-*`` variants run PAD experts (pad_moe's grouped store) under DeepSpeed's capacity
+dispatch. ``--memory`` adds each variant's peak resident memory over one fwd+bwd, measured in a fresh process per
+variant (Linux VmHWM, reset before the step): ratios against DeepSpeed's capacity layer.
+
 Every variant of a skew shares the input, the gate weights (hence the routes: second-expert sampling off) and is timed
 interleaved with the others (tools/bench_ffn.py's quiet-machine sampling), so ratios come from one run. The skew
 (max / mean routes per expert) is set by raising expert 0's logit through a constant input feature.
@@ -83,8 +88,11 @@ def build(name: str, args, wg: torch.Tensor, counts: torch.Tensor, gen: torch.Ge
                                   dispatch="capacity" if base.startswith("ds-") else "dropless")
     is_pad = "-pad-" in base
     torch.manual_seed(args.seed)
-    module = (PadMoE(H, F, granularity="neuron" if "neuron" in base else "element", **kwargs) if is_pad
-              else MoEFFN(H, F, **kwargs))
+    if base.startswith("ds-") and not is_pad:
+        module = DeepSpeedMoE(H, F, kwargs)
+    else:
+        module = (PadMoE(H, F, granularity="neuron" if "neuron" in base else "element", **kwargs) if is_pad
+                  else MoEFFN(H, F, **kwargs))
     with torch.no_grad():
         module.gate_weight.copy_(wg)
     matrices = 3 if glu else 2
@@ -103,6 +111,29 @@ def build(name: str, args, wg: torch.Tensor, counts: torch.Tensor, gen: torch.Ge
             module.set_masks({n: torch.rand(m.shape, generator=gen) < kappa for n, m in module.masks().items()})
     module.to(args.device, DTYPES[args.dtype]).train()  # masks stay bool
     return module, flops, dropped / (k * T)
+
+
+class DeepSpeedMoE(torch.nn.Module):
+    """DeepSpeed's ``MoE`` as it ships: per-expert ``Experts`` (a ModuleList of FFNs, looped), its gate and dispatch."""
+
+    def __init__(self, H: int, F: int, kwargs: dict):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        from pad_moe.moe.ffn import make_ffn
+
+        expert_type = kwargs.get("expert_type", "mlp")
+        expert = make_ffn(expert_type, H, F, kwargs.get("activation", "gelu"), kwargs.get("bias", True))
+        self.moe = MoE(H, expert, num_experts=kwargs["num_experts"], k=kwargs["k"],
+                       capacity_factor=kwargs.get("capacity_factor", 1.0), min_capacity=kwargs["min_capacity"],
+                       drop_tokens=kwargs["drop_tokens"], top2_2nd_expert_sampling=False)
+
+    @property
+    def gate_weight(self) -> torch.Tensor:
+        return self.moe.deepspeed_moe.gate.wg.weight
+
+    def forward(self, x):
+        return self.moe(x)
 
 
 def synced(step, device: str):
@@ -160,8 +191,57 @@ def run(args) -> dict:
     for sk in result["skews"]:
         for row in sk["rows"].values():
             row["pct_peak"] = 100 * row["useful_gflop"] / (row["best_ms"] / 1e3) / result["peak_gflops"]
+    if args.memory:
+        result["memory"] = memory(args, names)
     result["targets"] = targets(result)
     return result
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_one(args) -> dict:
+    """In this (fresh) process: one variant's peak resident memory over one fwd+bwd above what it held before."""
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, wg, counts = skewed_inputs(args, args.memory_skew, gen)
+    grad_out = torch.randn(args.tokens, args.hidden, generator=gen).to(args.device, DTYPES[args.dtype])
+    module, _, _ = build(args.memory_one, args, wg, counts, gen)
+    step = _step_fn(module, x, grad_out, True)
+    step()  # first call: lazily built state
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    step()
+    peak = _status_kib("VmHWM")
+    weights = sum(p.numel() * p.element_size() for p in module.parameters())
+    return {"step_peak_mib": (peak - before) / 1024, "weights_mib": weights / 2**20}
+
+
+def memory(args, names: list[str]) -> dict:
+    """Peak memory of every variant at every skew, each in a fresh process (large allocations mmapped, so freed
+    memory leaves the RSS at once)."""
+    import json
+    import subprocess
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS=str(args.threads))
+    sizing = ["--tokens", str(args.tokens), "--hidden", str(args.hidden), "--ffn", str(args.ffn), "--glu-ffn",
+              str(args.glu_ffn), "--experts", str(args.experts), "--k", str(args.k), "--threads", str(args.threads),
+              "--dtype", args.dtype, "--device", args.device, "--seed", str(args.seed)]
+    out = {}
+    for target in args.skews:
+        for n in names:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), *sizing, "--memory-one", n,
+                                   "--memory-skew", str(target)], env=env, capture_output=True, text=True, check=True)
+            out.setdefault(str(target), {})[n] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"memory: skew {target} {n}: {out[str(target)][n]['step_peak_mib']:.0f} MiB", file=sys.stderr)
+    return out
 
 
 def targets(result: dict) -> list[dict]:
@@ -180,12 +260,22 @@ def targets(result: dict) -> list[dict]:
                                   "dispatch at max/mean ~2", "value": v, "met": v >= 1.5})
         if 1 in by_skew:
             v = t(by_skew[1], f"{prefix}dropless-moe", f"{prefix}ds-capacity-1.0")
-            out.append({"target": f"{prefix}dropless MoE time <= 1.05x DeepSpeed capacity dispatch (cf 1.0), "
-                                  "balanced", "value": v, "met": v <= 1.05})
+            out.append({"target": f"{prefix}dropless MoE time <= 1.0x DeepSpeed capacity dispatch (cf 1.0), "
+                                  "balanced", "value": v, "met": v <= 1.0})
         for s, sk in sorted(by_skew.items()):
             v = t(sk, f"{prefix}dropless-moe", f"{prefix}dropless-pad-neuron-0.5")
             out.append({"target": f"{prefix}PAD neuron 0.5 >= 1.3x dropless MoE throughput, skew {s}", "value": v,
                         "met": v >= 1.3})
+    for skew, rows in result.get("memory", {}).items():
+        for prefix in ("", "glu-"):
+            ref = rows.get(f"{prefix}ds-capacity-1.0")
+            if ref is None:
+                continue
+            for n, row in rows.items():
+                if n.startswith(prefix) and not n.removeprefix(prefix).startswith("ds-") and (prefix or "glu-" not in n):
+                    v = row["step_peak_mib"] / ref["step_peak_mib"]
+                    out.append({"target": f"{n} fwd+bwd peak memory <= DeepSpeed's capacity layer, skew {skew}",
+                                "value": v, "met": v <= 1.0})
     for sk in result["skews"]:
         for n, row in sk["rows"].items():
             out.append({"target": f"{n} >= 80% of matmul peak, skew {sk['target']:g}", "value": row["pct_peak"],
@@ -206,6 +296,11 @@ def format_table(result: dict) -> str:
         for n, r in sk["rows"].items():
             lines.append(f"  {n:<34} {r['best_ms']:>8.0f} {r['median_ms']:>8.0f} {100 * r['dropped']:>7.1f}% "
                          f"{r['useful_gflop']:>9.1f} {r['pct_peak']:>5.1f}%")
+        lines.append("")
+    for skew, rows in result.get("memory", {}).items():
+        lines.append(f"fwd+bwd peak memory above the resident state, skew {skew} (MiB; weights in brackets)")
+        for n, r in rows.items():
+            lines.append(f"  {n:<34} {r['step_peak_mib']:>8.0f}   [{r['weights_mib']:.0f}]")
         lines.append("")
     for t in result["targets"]:
         lines.append(f"[{'met ' if t['met'] else 'MISS'}] {t['target']}: {t['value']:.3f}")
@@ -234,6 +329,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--memory", action="store_true", help="also measure each variant's fwd+bwd peak memory")
+    p.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-skew", type=float, default=1.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.hidden, args.ffn, args.glu_ffn, args.experts = 256, 64, 256, 128, 4
@@ -244,7 +342,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
-    report_main(parse_args, run, format_table, argv)
+    args = parse_args(argv)
+    if args.memory_one:
+        import json
+
+        print(json.dumps(memory_one(args)))
+        return
+    report_main(lambda _argv: args, run, format_table, argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\
 ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 EXPP_FILE = re.compile(r"^expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 EXPERT_KEY = re.compile(r"^(.*\.deepspeed_experts\.)(\d+)(\..*)$")
+GROUPED_PARAM = re.compile(r"^(.*\.deepspeed_moe\.experts\.)(\w+)_(weight|bias)$")
+"""A parameter of the grouped expert store (pad_moe.moe.store): ``...deepspeed_moe.experts.fc1_weight`` (E_local, ...),
+whose state-dict keys are the per-expert ``...deepspeed_moe.experts.deepspeed_experts.{i}.fc1.weight``."""
 
 
 class CheckpointError(UsageError):
@@ -253,7 +256,8 @@ def read_optimizer_state(ckpt: Checkpoint) -> Optional[OptimizerState]:
                 if not (torch.is_tensor(value) and value.dim() > 0):
                     scalars.setdefault(key, value)
             for name, addr in mapping.items():
-                gname = _renumber(name, offset)
+                # a grouped expert parameter (one per ep rank under the same name): split by expert below
+                gname = f"{name}@{offset}" if GROUPED_PARAM.match(name) else _renumber(name, offset)
                 slot = pieces.setdefault(gname, {})
                 slot.setdefault("__fp32__", []).append(flat.narrow(0, addr.start, addr.numel))
                 for key, value in gstate.items():
@@ -264,6 +268,7 @@ def read_optimizer_state(ckpt: Checkpoint) -> Optional[OptimizerState]:
         if steps and steps != {want}:
             raise CheckpointError(f"mismatched tag: {file} holds optimizer step {sorted(steps)[0]}, the model file "
                                   f"global_steps={ckpt.meta.get('global_steps')}")
+    pieces = _per_expert(pieces, n_local, ckpt.state)
     tensors, fp32 = {}, {}
     for name, slot in pieces.items():
         if name not in ckpt.state:
@@ -279,6 +284,35 @@ def read_optimizer_state(ckpt: Checkpoint) -> Optional[OptimizerState]:
             else:
                 tensors.setdefault(name, {})[key] = flat.reshape(shape).clone()
     return OptimizerState(tensors=tensors, scalars=scalars, fp32=fp32, source="zero")
+
+
+def grouped_expert_keys(name: str, first: int, n_local: int) -> list[str]:
+    """The per-expert state-dict keys (global ids ``first`` ..) of grouped store parameter ``name``."""
+    m = GROUPED_PARAM.match(name)
+    return [f"{m.group(1)}deepspeed_experts.{first + i}.{m.group(2)}.{m.group(3)}" for i in range(n_local)]
+
+
+def _per_expert(pieces: dict, n_local: int, state: dict) -> dict:
+    """Optimizer pieces of grouped store parameters (``name@first``) split into the per-expert keys of ``state``."""
+    out = {}
+    for name, slot in pieces.items():
+        if "@" not in name:
+            out[name] = slot
+            continue
+        base, first = name.rsplit("@", 1)
+        keys = grouped_expert_keys(base, int(first), n_local)
+        missing = [k for k in keys if k not in state]
+        if missing:
+            raise CheckpointError(f"optimizer shards name grouped parameter {base!r}, the model files lack {missing[0]!r}")
+        sizes = [state[k].numel() for k in keys]
+        for key, parts in slot.items():
+            flat = torch.cat(parts)
+            if flat.numel() != sum(sizes):
+                raise CheckpointError(f"optimizer shards hold {flat.numel()} values of {base!r}, expected "
+                                      f"{sum(sizes)} (shards from different runs?)")
+            for k, part in zip(keys, torch.split(flat, sizes)):
+                out.setdefault(k, {})[key] = [part]
+    return out
 
 
 def _local_experts_per_rank(ckpt: Checkpoint) -> int:

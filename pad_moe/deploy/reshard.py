@@ -163,14 +163,23 @@ def _set_zero_state(engine, opt: dict, full_state: dict, expert_offset: int) -> 
 
     Each model parameter's ``_hp_mapping`` (DeepSpeed's own link between a parameter and its fragment of this rank's
     flat fp32 partition) gives where its values go. Returns False when the engine has no ZeRO-1/2 optimizer."""
-    from pad_moe.deploy.checkpoint import _renumber
+    from pad_moe.deploy.checkpoint import GROUPED_PARAM, _renumber, grouped_expert_keys
 
     zo = engine.optimizer
     if not (hasattr(zo, "single_partition_of_fp32_groups") and hasattr(zo, "bit16_groups")):
         return False
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    tensors, scalars = opt["tensors"], opt["scalars"]
+    tensors, scalars = dict(opt["tensors"]), opt["scalars"]
     keys = sorted({k for t in tensors.values() for k in t})
+    full_state = dict(full_state)
+    for lp in engine.module.parameters():  # grouped store parameters: this rank's experts stacked from global ones
+        name = names[id(lp)]
+        if GROUPED_PARAM.match(name):
+            per_expert = grouped_expert_keys(name, expert_offset, lp.shape[0])
+            full_state[name] = torch.stack([full_state[k] for k in per_expert])
+            if all(k in tensors for k in per_expert):
+                tensors[name] = {key: torch.stack([tensors[k][key] for k in per_expert]) for key in keys
+                                 if all(key in tensors[k] for k in per_expert)}
     with torch.no_grad():
         for i, flat in enumerate(zo.single_partition_of_fp32_groups):
             st = zo.optimizer.state[flat]
@@ -183,7 +192,8 @@ def _set_zero_state(engine, opt: dict, full_state: dict, expert_offset: int) -> 
                 mapping = getattr(lp, "_hp_mapping", None)
                 if mapping is None:
                     continue
-                name = _renumber(names[id(lp)], expert_offset)
+                name = names[id(lp)]
+                name = name if GROUPED_PARAM.match(name) else _renumber(name, expert_offset)
                 lpa, hpa = mapping.lp_fragment_address, mapping.hp_fragment_address
                 for key in keys:
                     if name in tensors and key in tensors[name]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from pad_moe.hfmoe.families import FamilyTable, family_spec, layout_named, lookup
 from pad_moe.hfmoe.families.layouts import BIAS_NAMES
-from pad_moe.moe.ffn import mix_stacked, scaled
+from pad_moe.moe.store import magnitude_per_weight, mix_grouped
 from pad_moe.pad.protocol import PadMaskMixin
 
 HF_MOE_FAMILIES = FamilyTable()
@@ -114,13 +114,13 @@ class PadHFExperts(PadMaskMixin, nn.Module):
     def effective_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up (E, 2F, H), down (E, H, F)) under the current (or, while IMP scores, relaxed) masks."""
         lam_s, lam_d = self.scale_factors()
-        masks = self.expert_masks()
         F = self.intermediate_dim
-        s_gu, s_down = scaled(self.static_gate_up, lam_s), scaled(self.static_down, lam_s)
-        gate = mix_stacked(s_gu[:F], self.gate_up_proj[:, :F], masks["gate_proj.weight"], lam_d)
-        up = mix_stacked(s_gu[F:], self.gate_up_proj[:, F:], masks["up_proj.weight"], lam_d)
-        down = mix_stacked(s_down, self.down_proj, masks["down_proj.weight"], lam_d)
-        return torch.cat([gate, up], dim=1), down
+        static = {"gate_proj.weight": self.static_gate_up[:F], "up_proj.weight": self.static_gate_up[F:],
+                  "down_proj.weight": self.static_down}
+        grouped = {"gate_proj.weight": self.gate_up_proj[:, :F], "up_proj.weight": self.gate_up_proj[:, F:],
+                   "down_proj.weight": self.down_proj}
+        mixed = mix_grouped(static, grouped, self.expert_masks(), lam_s, lam_d)
+        return torch.cat([mixed["gate_proj.weight"], mixed["up_proj.weight"]], dim=1), mixed["down_proj.weight"]
 
     def forward(self, hidden_states: torch.Tensor, *args):
         """The family's call: ``(hidden, top_k_index, top_k_weights)``; Llama 4: ``(routed_in,)``."""
@@ -130,20 +130,19 @@ class PadHFExperts(PadMaskMixin, nn.Module):
     def magnitude_scores(self) -> dict[str, torch.Tensor]:
         lam_s, lam_d = self.scale_factors()
         F = self.intermediate_dim
-        with torch.no_grad():
-            diff_gu = (lam_d * self.gate_up_proj - lam_s * self.static_gate_up).abs()  # (E, 2F, H)
-            diff_down = (lam_d * self.down_proj - lam_s * self.static_down).abs()  # (E, H, F)
-
-            def per_weight(gu, dn):
-                return {"gate_proj.weight": gu[:F], "up_proj.weight": gu[F:], "down_proj.weight": dn}
-
-            if self.mask_sharing == "layer":
-                return self.granularity.reduce(per_weight(diff_gu.sum(0), diff_down.sum(0)), self._weight_shapes)
-            scores = {}
-            for k in range(self.num_experts):
-                reduced = self.granularity.reduce(per_weight(diff_gu[k], diff_down[k]), self._weight_shapes)
-                scores.update({f"e{k}.{name}": v for name, v in reduced.items()})
-            return scores
+        static = {"gate_proj.weight": self.static_gate_up[:F], "up_proj.weight": self.static_gate_up[F:],
+                  "down_proj.weight": self.static_down}
+        grouped = {"gate_proj.weight": self.gate_up_proj[:, :F], "up_proj.weight": self.gate_up_proj[:, F:],
+                   "down_proj.weight": self.down_proj}
+        per_expert = self.mask_sharing == "expert"
+        diff = magnitude_per_weight(static, grouped, lam_s, lam_d, per_expert=per_expert)
+        if not per_expert:
+            return self.granularity.reduce(diff, self._weight_shapes)
+        scores = {}
+        for k in range(self.num_experts):
+            reduced = self.granularity.reduce({n: d[k] for n, d in diff.items()}, self._weight_shapes)
+            scores.update({f"e{k}.{name}": v for name, v in reduced.items()})
+        return scores
 
     def stored_params(self) -> int:
         """Parameters a compact export stores: W_s where some expert is static (none once the static part is

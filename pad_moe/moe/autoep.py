@@ -32,7 +32,7 @@ from deepspeed.moe.ep_repack import repack_expert_weights
 from deepspeed.runtime.zero import GatheredParameters
 from torch import nn
 
-from pad_moe.moe.ffn import mix_stacked, scaled
+from pad_moe.moe.store import magnitude_per_weight, mix_grouped
 from pad_moe.pad.protocol import PadMaskMixin
 
 # HF model_type -> the AutoEP preset that converts it exactly (checked at all-ones masks in tests/test_autoep.py).
@@ -108,13 +108,10 @@ class PadAutoEPLayer(PadMaskMixin, auto_ep_layer.AutoEPMoELayer):
 
     def effective_expert_weights(self, w1, w2, w3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1, w2, w3) of the local experts mixed with the static weights under the current (or relaxed) masks."""
-        lam_s, lam_d = self.scale_factors()
+        lam_s, lam_d = self.scale_factors()  # λs = 0 once the static part is dropped (MoE-P)
         masks = self.weight_masks()
-        mixed = {}
-        for grouped, w in (("w1", w1), ("w2", w2), ("w3", w3)):
-            mask = masks[GROUPED_TO_GLU[grouped]]
-            static = scaled(self.static_weight(grouped), lam_s)  # λs = 0 once the static part is dropped (MoE-P)
-            mixed[grouped] = mix_stacked(static.to(w.dtype), w, mask, lam_d)
+        mixed = mix_grouped({g: self.static_weight(g) for g in GROUPED_TO_GLU}, {"w1": w1, "w2": w2, "w3": w3},
+                            {g: masks[GROUPED_TO_GLU[g]] for g in GROUPED_TO_GLU}, lam_s, lam_d)
         return mixed["w1"], mixed["w2"], mixed["w3"]
 
     def magnitude_scores(self) -> dict[str, torch.Tensor]:
@@ -125,8 +122,10 @@ class PadAutoEPLayer(PadMaskMixin, auto_ep_layer.AutoEPMoELayer):
         params += [self.phi] if self.phi is not None else []
         with GatheredParameters(params, modifier_rank=None), torch.no_grad():  # a no-op without ZeRO-3
             lam_s, lam_d = self.scale_factors()
-            per_weight = {GROUPED_TO_GLU[g]: (lam_d * getattr(self.experts, g) - lam_s * self.static_weight(g))
-                          .abs().sum(0) for g in GROUPED_TO_GLU}
+            diff = magnitude_per_weight({g: self.static_weight(g) for g in GROUPED_TO_GLU},
+                                        {g: getattr(self.experts, g) for g in GROUPED_TO_GLU}, lam_s, lam_d,
+                                        per_expert=False)
+            per_weight = {GROUPED_TO_GLU[g]: d for g, d in diff.items()}
             return self.granularity.reduce(per_weight, self._weight_shapes)
 
 

@@ -1,8 +1,6 @@
-"""FFN building blocks: activations, the dense FFN, the plain MoE expert and the PAD expert, in two expert types:
-``mlp`` (down(act(fc1 x)), two matrices) and ``glu`` (gated: down(act(gate x) * up x), three matrices).
-
-Experts see DeepSpeed's dispatched tokens, shape (ep_size, 1, capacity, hidden) including zero-padded slots, and act on
-the last dimension only.
+"""FFN building blocks: activations, the dense FFN in two expert types, ``mlp`` (down(act(fc1 x)), two matrices) and
+``glu`` (gated: down(act(gate x) * up x), three matrices), and the PAD mix of grouped expert weights (``mix_stacked``)
+that every PAD experts path computes with (pad_moe's MoE layers, AutoEP, HF MoE import).
 """
 
 from __future__ import annotations
@@ -136,39 +134,6 @@ def make_ffn(expert_type: str, hidden_size: int, ffn_size: int, activation: str,
     return FFN_CLASSES[expert_type](hidden_size, ffn_size, activation, bias)
 
 
-class PadContext:
-    """What the PAD experts of a layer need for one forward, computed once per forward by the owning layer.
-
-    ``static`` holds λs·W_static per weight name, ``lam_d`` the dynamic scale factor, ``masks_for(expert)`` the
-    per-weight masks of an expert (the same dict for all experts when the layer shares one mask). Per-mask tensors that
-    do not depend on the expert (see ``mixing_terms``) are built on first use and shared by the experts.
-    """
-
-    __slots__ = ("static", "lam_d", "masks_for", "_terms")
-
-    def __init__(self, static: dict, lam_d, masks_for):
-        self.static, self.lam_d, self.masks_for = static, lam_d, masks_for
-        self._terms: dict = {}
-
-    def mixing_terms(self, name: str, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(S0, M, λd·M) for weight ``name`` under bool ``mask``, M as 0/1 in the weight's dtype: S0 = λs·W_s zeroed
-        where M (differentiable in W_s and λs), M and λd·M constants (``_PadMix`` routes λd's gradient)."""
-        key = (name, id(mask))
-        if key not in self._terms:
-            static = self.static[name]
-            with torch.no_grad():
-                # products with a 0/1 float mask instead of torch.where: CPU where is several times slower, and
-                # x·1 = x, x·0 = ±0 select exactly the same values
-                mask_f = mask.to(static.dtype)  # broadcastable to the weight, e.g. (F, 1) for neuron masks
-                lam_d = self.lam_d.detach() if isinstance(self.lam_d, torch.Tensor) else self.lam_d
-                lam_mask = (mask_f * lam_d).to(static.dtype) if not _is_one(lam_d) else mask_f
-                keep_static = 1 - mask_f
-            s0 = static * keep_static  # (out, in); one masking per layer, not per expert
-            # the mask is kept in the entry so that its id cannot be reused while this context lives
-            self._terms[key] = (mask, s0, mask_f, lam_mask)
-        return self._terms[key][1:]
-
-
 class _PadMix(torch.autograd.Function):
     """W_eff = S0 + (λd·M) ⊙ W_k for a 0/1 mask M: the PAD mix of one expert weight in one fused pass.
 
@@ -238,7 +203,9 @@ def mix_stacked(static: torch.Tensor, w_dyn: torch.Tensor, mask: torch.Tensor, l
     shared (broadcastable to W_s) or per expert (E, ...). Bool masks take the fused ``_PadMix`` (exact zero gradient
     where static); IMP's relaxed masks the differentiable reference formula."""
     if mask.dtype != torch.bool:
-        return pad_mix(static, w_dyn, mask, 1.0, lam_d)
+        # W_s expanded over the experts: ∂M = Σ_e g_e⊙(λd·W_e) − Σ_e g_e⊙(λs·W_s), two sums of the same shape, so an
+        # expert equal to the static weight (upcycled) scores exactly 0, as one expert at a time would
+        return pad_mix(static.expand_as(w_dyn), w_dyn, mask, 1.0, lam_d)
     with torch.no_grad():
         mask_f = mask.to(static.dtype)
         lam = lam_d.detach() if isinstance(lam_d, torch.Tensor) else lam_d
@@ -253,50 +220,3 @@ def _scaled(w: torch.Tensor, lam_d) -> torch.Tensor:
     if isinstance(lam_d, torch.Tensor) and lam_d.requires_grad:
         return _Scale.apply(w, lam_d)
     return lam_d * w
-
-
-def _mix(ctx: PadContext, name: str, w_dyn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    if mask.dtype != torch.bool:  # IMP's relaxed mask: differentiable in M, the plain formula
-        return pad_mix(ctx.static[name], w_dyn, mask, 1.0, ctx.lam_d)
-    s0, mask_f, lam_mask = ctx.mixing_terms(name, mask)
-    if s0.shape != w_dyn.shape or s0.dtype != w_dyn.dtype:  # unusual layouts or mixed dtypes: the reference formula
-        return pad_mix(ctx.static[name], w_dyn, mask, 1.0, ctx.lam_d)
-    return _PadMix.apply(s0, w_dyn, mask_f, lam_mask, ctx.lam_d)
-
-
-class _PadExpertMixin:
-    """An expert of a PAD-MoE layer: its own FFN weights are the dynamic part W_k.
-
-    Effective weights are W_k_eff = λs(1−M)⊙W_s + λd M⊙W_k. The static part and the shared mask are owned by the layer
-    (registered once, outside DeepSpeed's experts) and handed over for the duration of one forward through
-    ``pad_context``, a plain attribute: never a registered submodule, so DeepSpeed neither deep-copies nor tags it.
-    """
-
-    def __init__(self, hidden_size: int, ffn_size: int, activation: str = "gelu", bias: bool = True):
-        super().__init__(hidden_size, ffn_size, activation, bias)
-        self.pad_context: PadContext | None = None
-
-    def effective_weights(self) -> dict[str, torch.Tensor]:
-        ctx = self.pad_context
-        if ctx is None:
-            raise RuntimeError("PadExpert is run by its PadMoE layer; call the layer, not the expert")
-        own = dict(self.named_parameters())
-        if ctx.static is None:  # compacted layer: experts hold only dynamic units
-            return {name: _scaled(w, ctx.lam_d) for name, w in own.items()}
-        masks = ctx.masks_for(self)
-        # λs is already folded into ctx.static, so the static side is multiplied by 1.
-        return {name: _mix(ctx, name, own[name], masks[name]) for name in ctx.static}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compute(x, self.effective_weights())
-
-
-class PadExpert(_PadExpertMixin, FFN):
-    """A PAD expert with an mlp FFN (fc1, fc2)."""
-
-
-class PadGatedExpert(_PadExpertMixin, GatedFFN):
-    """A PAD expert with a gated FFN (gate_proj, up_proj, down_proj): PAD mixes all three matrices."""
-
-
-PAD_EXPERT_CLASSES = {"mlp": PadExpert, "glu": PadGatedExpert}

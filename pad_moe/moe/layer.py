@@ -28,7 +28,8 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from pad_moe.moe.dropless import DISPATCHES, check_dropless_args, dispatch_and_combine, expert_ffn, route
-from pad_moe.moe.ffn import FFN_CLASSES, PAD_EXPERT_CLASSES, PadContext, check_expert_type, make_ffn, mix_stacked, scaled
+from pad_moe.moe.ffn import check_expert_type, make_ffn, scaled
+from pad_moe.moe.store import GroupedExperts, magnitude_per_weight, mix_grouped
 from pad_moe.pad.protocol import PadMaskMixin
 
 MODES = ("static", "moe", "pad")
@@ -107,9 +108,12 @@ class DenseFFNBlock(nn.Module):
 
 
 class MoEFFN(nn.Module):
-    """mode='moe': DeepSpeed's MoE with whole-FFN experts (mlp or glu), experts seeded by their global id."""
+    """mode='moe': DeepSpeed's MoE with whole-FFN experts (mlp or glu), experts seeded by their global id.
 
-    expert_classes = FFN_CLASSES
+    The experts are one ``GroupedExperts`` store (``self.experts``: one (E_local, out, in) parameter per matrix) in
+    the place of DeepSpeed's per-expert ``Experts``: DeepSpeed's gate, capacity dispatch, all-to-all, expert tagging
+    and per-expert checkpoint files work on it unchanged; dropless dispatch hands its tensors to the grouped GEMMs.
+    """
 
     def __init__(self, hidden_size: int, ffn_size: int, *, num_experts: int = 8, k: int = 2, ep_size: int = 1,
                  ep_rank: int = 0, activation: str = "gelu", bias: bool = True, expert_type: str = "mlp",
@@ -136,17 +140,25 @@ class MoEFFN(nn.Module):
         self.expert_type, self.bias = expert_type, bias
         self.num_experts, self.k, self.ep_size, self.ep_rank = num_experts, k, ep_size, ep_rank
         self.num_local_experts = num_experts // ep_size
-        template = self.expert_classes[expert_type](hidden_size, ffn_size, activation, bias)
-        self.moe = MoE(hidden_size, template, num_experts=num_experts, ep_size=ep_size, k=k,
+        # DeepSpeed's MoE around a parameterless template; its per-expert Experts is then replaced by the store
+        self.moe = MoE(hidden_size, nn.Identity(), num_experts=num_experts, ep_size=ep_size, k=k,
                        capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                        min_capacity=min_capacity, noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens,
                        use_rts=use_rts, top2_2nd_expert_sampling=second_expert_sampling)
+        self.moe.deepspeed_moe.experts = GroupedExperts(expert_type, self.num_local_experts, hidden_size, ffn_size,
+                                                        activation, bias, group_name=self.moe.expert_group_name)
         self.reset_experts(seed)
 
     # -- experts ----------------------------------------------------------------------------------------------------
     @property
-    def local_experts(self) -> list[nn.Module]:
-        return list(self.moe.deepspeed_moe.experts.deepspeed_experts)
+    def experts(self) -> GroupedExperts:
+        """This rank's experts: the grouped store (at DeepSpeed's ``deepspeed_moe.experts``)."""
+        return self.moe.deepspeed_moe.experts
+
+    @property
+    def local_experts(self) -> list:
+        """Each local expert as an FFN-shaped view of the store (``fc1.weight``, ``named_parameters()``)."""
+        return [self.experts.expert(i) for i in range(self.num_local_experts)]
 
     @property
     def global_expert_ids(self) -> list[int]:
@@ -163,8 +175,8 @@ class MoEFFN(nn.Module):
 
     def reset_experts(self, seed: int) -> None:
         """Independent initialisation per expert, reproducible from (seed, global expert id) at any ep_size."""
-        for gid, expert in zip(self.global_expert_ids, self.local_experts):
-            expert.reset_parameters(torch.Generator().manual_seed(seed * 1_000_003 + 7919 * gid + 1))
+        for i, gid in enumerate(self.global_expert_ids):
+            self.experts.reset_expert_(i, torch.Generator().manual_seed(seed * 1_000_003 + 7919 * gid + 1))
 
     def load_experts_from_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
         self._load_experts((fc1, fc2))
@@ -173,8 +185,8 @@ class MoEFFN(nn.Module):
         self._load_experts((gate_proj, up_proj, down_proj))
 
     def _load_experts(self, linears: tuple[nn.Linear, ...]) -> None:
-        for expert in self.local_experts:
-            _load_linears_(expert, linears)
+        for i in range(self.num_local_experts):
+            self.experts.load_expert_(i, linears)
 
     @classmethod
     def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, **kwargs):
@@ -230,8 +242,8 @@ class MoEFFN(nn.Module):
             observe(routes.experts, routes.weights)
         # where DeepSpeed's MOELayer keeps them, for readers of its attributes (the trainer's expert-load scalars)
         self.moe.deepspeed_moe.l_aux, self.moe.deepspeed_moe.exp_counts = routes.l_aux, routes.exp_counts
-        weights = self._stacked_weights()
-        act = self.local_experts[0]._act
+        weights = self.expert_weights()
+        act = self.experts._act
         out = dispatch_and_combine(flat, routes, lambda rows, counts: expert_ffn(rows, counts, weights,
                                                                                   self.expert_type, act),
                                    ep_size=self.ep_size, group=self.moe.deepspeed_moe.ep_group)
@@ -252,24 +264,24 @@ class MoEFFN(nn.Module):
 
         return self.moe.deepspeed_moe.gate.register_forward_hook(from_gate)
 
-    def _stacked_weights(self) -> dict[str, torch.Tensor]:
-        """This rank's expert weights stacked per name, (E_local, ...) each: what the grouped GEMMs take."""
-        params = [dict(e.named_parameters()) for e in self.local_experts]
-        return {name: torch.stack([p[name] for p in params]) for name in params[0]}
+    def expert_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the local experts compute with, grouped (E_local, ...) per name: the store's parameters."""
+        return self.experts.tensors()
 
 
 class PadMoE(PadMaskMixin, MoEFFN):
     """mode='pad': PAD-MoE. Expert k computes FFN(x; λs(1−M)⊙W_s + λd M⊙W_k).
 
     The static FFN (``static.fc1``, ``static.fc2``; for glu ``static.gate_proj``, ``static.up_proj``,
-    ``static.down_proj``) is registered once on this layer, outside DeepSpeed's experts, so it
-    is replicated and all-reduced like any dense weight. Masks are shared by all experts of the layer
-    (``mask_sharing='layer'``, the paper) or held by each expert (``'expert'``, sharded with the experts). With
-    ``granularity='neuron'`` a partitioned layer can be compacted (``compact_``): static hidden units then run once per
-    token as a dense FFN and the experts keep only their dynamic units.
+    ``static.down_proj``) is registered once on this layer, outside DeepSpeed's experts, so it is replicated and
+    all-reduced like any dense weight; the W_k are the grouped store's (``self.experts``). Masks are shared by all
+    experts of the layer (``mask_sharing='layer'``, the paper) or held by each expert (``'expert'``: on the store's
+    slot of the expert, sharded with the experts). Every forward mixes the effective weights of all local experts
+    once (one masked mix per matrix) and both dispatches compute with them. With ``granularity='neuron'`` a
+    partitioned layer can be compacted (``compact_``): static hidden units then run once per token as a dense FFN and
+    the experts keep only their dynamic units.
     """
 
-    expert_classes = PAD_EXPERT_CLASSES
     expert_group_name = MoEFFN.expert_group_name  # the mixin's default (None) is for modules without experts
 
     def __init__(self, hidden_size: int, ffn_size: int, *, granularity: str = "element", mask_sharing: str = "layer",
@@ -283,7 +295,7 @@ class PadMoE(PadMaskMixin, MoEFFN):
         weight_shapes = {n: tuple(p.shape) for n, p in self.static.named_parameters()}
         holders = None
         if mask_sharing == "expert":
-            holders = {f"e{gid}.": e for gid, e in zip(self.global_expert_ids, self.local_experts)}
+            holders = {f"e{gid}.": slot for gid, slot in zip(self.global_expert_ids, self.experts.slots)}
         self.init_pad(weight_shapes, granularity=granularity, scale_mode=scale_mode, holders=holders,
                       expert_parallel=mask_sharing == "expert")
         self.compacted = False
@@ -300,19 +312,16 @@ class PadMoE(PadMaskMixin, MoEFFN):
     def magnitude_scores(self) -> dict[str, torch.Tensor]:
         """|λd·W_k − λs·W_s| summed over this rank's experts (and over each mask entry's weights), per mask."""
         lam_s, lam_d = self.scale_factors()
-        static = dict(self.static.named_parameters())
+        per_expert = self.mask_sharing == "expert"
+        diff = magnitude_per_weight(dict(self.static.named_parameters()), self.experts.tensors(), lam_s, lam_d,
+                                    per_expert=per_expert)
+        if not per_expert:
+            return self._reduce_to_masks(diff)
         scores = {}
-        with torch.no_grad():
-            for prefix, experts in self._mask_holder_experts().items():
-                per_weight = {n: sum((lam_d * dict(e.named_parameters())[n] - lam_s * w).abs() for e in experts)
-                              for n, w in static.items()}
-                scores.update({prefix + k: v for k, v in self._reduce_to_masks(per_weight).items()})
+        for i, gid in enumerate(self.global_expert_ids):
+            reduced = self._reduce_to_masks({n: d[i] for n, d in diff.items()})
+            scores.update({f"e{gid}.{k}": v for k, v in reduced.items()})
         return scores
-
-    def _mask_holder_experts(self) -> dict[str, list[nn.Module]]:
-        if self.mask_sharing == "layer":
-            return {"": self.local_experts}
-        return {f"e{gid}.": [e] for gid, e in zip(self.global_expert_ids, self.local_experts)}
 
     def _reduce_to_masks(self, per_weight: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum weight-shaped scores onto the partition-mask entries that cover them."""
@@ -324,33 +333,16 @@ class PadMoE(PadMaskMixin, MoEFFN):
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, used_token: Optional[torch.Tensor] = None):
-        lam_s, lam_d = self.scale_factors()
-        if self.compacted:
-            return self._forward_compacted(x, used_token, lam_s, lam_d)
-        static = {n: lam_s * p for n, p in self.static.named_parameters()}
-        if self.mask_sharing == "layer":
-            shared = self.weight_masks()
-            masks_for = lambda expert: shared  # noqa: E731
+        if self.dispatch == "dropless":  # the grouped GEMMs take expert_weights() (see _dropless)
+            out, l_aux, exp_counts = self._moe(x, used_token)
         else:
-            prefix_of = {id(e): f"e{gid}." for gid, e in zip(self.global_expert_ids, self.local_experts)}
-            masks_for = lambda expert: self.weight_masks(prefix_of[id(expert)])  # noqa: E731
-        return self._run_experts(x, used_token, PadContext(static, lam_d, masks_for))
-
-    def _run_experts(self, x, used_token, ctx: PadContext):
-        experts = self.local_experts
-        for expert in experts:
-            expert.pad_context = ctx
-        try:
-            return self._moe(x, used_token)
-        finally:
-            for expert in experts:
-                expert.pad_context = None
-
-    def _forward_compacted(self, x, used_token, lam_s, lam_d):
-        # Dynamic units go through the experts (scaled by λd); static units run once per token, weighted by the
-        # token's total gate value so the sum matches Σ_k g_k·FFN(x; W_k_eff) exactly (top-1 and dropped routes too).
-        out, l_aux, exp_counts = self._run_experts(x, used_token, PadContext(None, lam_d, None))
-        static_out = self.static.scaled_forward(x, lam_s)
+            with self.experts.computing_with(self.expert_weights()):
+                out, l_aux, exp_counts = self._moe(x, used_token)
+        if not self.compacted:
+            return out, l_aux, exp_counts
+        # Static units run once per token, weighted by the token's total gate value, so that the sum matches
+        # Σ_k g_k·FFN(x; W_k_eff) exactly (top-1 and dropped routes too).
+        static_out = self.static.scaled_forward(x, self.scale_factors()[0])
         mass = self._gate_mass.reshape(x.shape[:-1] + (1,)).to(static_out.dtype)
         self._gate_mass = None
         return out + mass * static_out, l_aux, exp_counts
@@ -359,19 +351,19 @@ class PadMoE(PadMaskMixin, MoEFFN):
         if self.compacted:
             self._gate_mass = routes.weights.sum(1)
 
-    def _stacked_weights(self) -> dict[str, torch.Tensor]:
-        """W_k_eff = λs(1−M)⊙W_s + λd M⊙W_k for all local experts at once: one masked mix per weight and forward."""
-        stacked = super()._stacked_weights()
+    def expert_weights(self) -> dict[str, torch.Tensor]:
+        """W_k_eff = λs(1−M)⊙W_s + λd M⊙W_k for all local experts at once: one masked mix per weight and forward
+        (IMP's relaxed masks while it scores); a compacted layer's experts hold only dynamic units: λd·W_k."""
+        grouped = self.experts.tensors()
         lam_s, lam_d = self.scale_factors()
-        if self.compacted:  # experts hold only their dynamic units
-            return {name: scaled(w, lam_d) for name, w in stacked.items()}
-        static = {n: lam_s * p for n, p in self.static.named_parameters()}
+        if self.compacted:
+            return {name: scaled(w, lam_d) for name, w in grouped.items()}
         if self.mask_sharing == "layer":
             masks = self.weight_masks()
-            return {n: mix_stacked(static[n], w, masks[n], lam_d) for n, w in stacked.items()}
-        per_expert = [self.weight_masks(f"e{gid}.") for gid in self.global_expert_ids]
-        return {n: mix_stacked(static[n], w, torch.stack([m[n] for m in per_expert]), lam_d)
-                for n, w in stacked.items()}
+        else:
+            per_expert = [self.weight_masks(f"e{gid}.") for gid in self.global_expert_ids]
+            masks = {n: torch.stack([m[n] for m in per_expert]) for n in grouped}
+        return mix_grouped(dict(self.static.named_parameters()), grouped, masks, lam_s, lam_d)
 
     def _capture_gate_mass(self, _module, _inputs, output) -> None:
         # DeepSpeed's sparse gate output: (l_aux, capacity, E, indices (k,S), locations (k,S), gates (k,S), counts);
@@ -381,8 +373,8 @@ class PadMoE(PadMaskMixin, MoEFFN):
     # -- neuron compaction ------------------------------------------------------------------------------------------
     def compact_(self) -> "PadMoE":
         """Shrink to the partition in place (neuron granularity, layer-shared masks): static units become a narrow
-        dense FFN (for glu a narrow dense GLU), each expert keeps only its dynamic units. Do this before building the
-        optimizer / DeepSpeed engine.
+        dense FFN (for glu a narrow dense GLU), the store keeps only the experts' dynamic units. Do this before
+        building the optimizer / DeepSpeed engine (or rebuild it: ``pad_moe.train.compaction``).
         """
         if self.compacted:
             return self
@@ -394,13 +386,7 @@ class PadMoE(PadMaskMixin, MoEFFN):
         units = self.masks()["units"]
         dyn, sta = units.nonzero().squeeze(1), (~units).nonzero().squeeze(1)
         self.static = _narrow_ffn(self.static, sta, keep_fc2_bias=True)
-        for expert in self.local_experts:
-            narrow = _narrow_ffn(expert, dyn, keep_fc2_bias=False)
-            for name in expert.linear_names:
-                setattr(expert, name, getattr(narrow, name))
-            for p in expert.parameters():
-                p.allreduce = False
-                p.group_name = self.moe.expert_group_name
+        self.moe.deepspeed_moe.experts = self.experts.narrowed(dyn)
         self.compacted = True
         self._gate_hook = self.moe.deepspeed_moe.gate.register_forward_hook(self._capture_gate_mass)
         return self

@@ -35,6 +35,7 @@ SAVE_STAGES = ("engine", "rng", "manifest", "latest")
 """engine: DeepSpeed's files written, RNG not yet | rng: this rank's files all written, manifest not yet |
 manifest: manifest written, ``latest`` not yet moved | latest: ``latest`` moved, old checkpoints not yet pruned."""
 _TAG = re.compile(r"^step(\d+)$")
+_EXPERT_FILE = re.compile(r"^layer_\d+_expert_\d+_mp_rank_\d+_model_states\.pt$")
 
 
 def _fault(stage: str, rank: int, step: int) -> None:
@@ -58,7 +59,9 @@ def tag_of(step: int) -> str:
 
 def write_manifest(tag_dir: str, step: int, world: int) -> None:
     """Mark ``tag_dir`` complete: the size and sha256 of every file in it (call once all ranks have written)."""
-    write_folder_manifest(tag_dir, step=step, world_size=world)
+    from pad_moe.moe.store import STORE_VERSION
+
+    write_folder_manifest(tag_dir, step=step, world_size=world, expert_store=STORE_VERSION)
 
 
 def point_latest(root: str, tag: str) -> None:
@@ -128,6 +131,7 @@ def find_resume_point(root: str, world: int) -> ResumePoint:
         if manifest is None:
             skipped.append(f"{tag}: {why}")
             continue
+        _check_expert_store(os.path.join(root, tag), manifest, world)
         if manifest["world_size"] != world:
             raise D.UsageError(
                 f"--resume: checkpoint {os.path.join(root, tag)} was written by {manifest['world_size']} ranks, this "
@@ -143,6 +147,20 @@ def find_resume_point(root: str, world: int) -> ResumePoint:
     detail = "; ".join(skipped) if skipped else "no step folders"
     raise D.UsageError(f"--resume: no complete checkpoint under {root} ({detail}); start the run again under a new "
                        "name")
+
+
+def _check_expert_store(tag_dir: str, manifest: dict, world: int) -> None:
+    """Refuse a checkpoint of MoE layers written before the grouped expert store: its ZeRO optimizer state is laid out
+    expert module by expert module, and loading it into the grouped parameters would misplace every moment."""
+    from pad_moe.moe.store import STORE_VERSION
+
+    version = manifest.get("expert_store", 1)
+    has_experts = any(_EXPERT_FILE.match(name) for name in manifest.get("files", {}))
+    if has_experts and version != STORE_VERSION:
+        raise D.UsageError(
+            f"--resume: checkpoint {tag_dir} was written with expert store version {version} (per-expert modules), "
+            f"this pad_moe resumes version {STORE_VERSION} (grouped experts); convert it with 'padmoe reshard "
+            f"{tag_dir} --ep EP --world {world} --out NEW_RUN' and resume NEW_RUN")
 
 
 def save(engine, root: str, step: int, rank: int, world: int, client_state: dict, keep: int) -> None:
